@@ -235,7 +235,7 @@ _SHAPES_TINY = {
     "data.min_size_test": 128,
     "data.max_size_test": 128,
     "data.num_workers": 0,
-    "model.backbone": "resnet18_tiny",
+    "model.backbone": "resnet18",
     "model.num_classes": 7,
     "model.num_queries": 20,
     "model.hidden_dim": 64,
