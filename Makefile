@@ -1,0 +1,79 @@
+# m2f-book: two commands for a newcomer (`make book`, `make test`); each installs what it needs first.
+# Everything runs inside .venv, created here on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+JB     := $(VENV)/bin/jupyter-book
+SHAPES := data/shapes
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: book test test-py test-nb test-book demo bench lint format clean help
+
+help:
+	@echo "make book   build the book into _build/html (executes every notebook)"
+	@echo "make test   run every test: pytest, nbval over the notebooks, the strict book build"
+	@echo "make demo   train -> eval -> predict on the synthetic shapes dataset"
+	@echo "make bench  speed/memory benchmarks against HF transformers (CPU, and GPU when present)"
+	@echo "make lint   ruff check + format check"
+	@echo "make clean  remove builds, generated data and runs (keeps .venv)"
+
+# --- environment --------------------------------------------------------------------------------
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.book-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[book]"
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.book-installed
+
+# --- data the book needs ------------------------------------------------------------------------
+$(SHAPES)/.complete: m2f_lite/data/synthetic.py | $(VENV)/.book-installed
+	$(VENV)/bin/m2f-lite data synthetic --out $(SHAPES) --n-train 500 --n-val 100 --size 128 --seed 0
+	touch $@
+
+# --- the two commands ---------------------------------------------------------------------------
+book: $(VENV)/.book-installed $(SHAPES)/.complete
+	$(JB) build --all -W -n --keep-going .
+
+test: $(VENV)/.dev-installed $(SHAPES)/.complete
+	$(MAKE) test-py test-nb test-book
+
+test-py:
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+test-nb:
+	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env book
+
+test-book:
+	$(JB) build --all -W -n --keep-going .
+
+# --- the rest -----------------------------------------------------------------------------------
+demo: $(VENV)/.book-installed $(SHAPES)/.complete
+	$(VENV)/bin/m2f-lite train shapes_tiny --output_dir=runs/demo
+	$(VENV)/bin/m2f-lite eval runs/demo/model_final.pt
+	$(VENV)/bin/m2f-lite predict $(SHAPES)/images/val/000000.png --weights runs/demo/model_final.pt --task panoptic --out runs/demo/predict
+
+bench: $(VENV)/.dev-installed
+	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_criterion.py
+	$(PY) benchmarks/bench_msda.py
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf _build $(SHAPES) runs .cache .pytest_cache
