@@ -58,7 +58,7 @@ def find_root(start: Path | None = None) -> Path:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the legacy global RNG that notebooks may use)
     torch.manual_seed(seed)
 
 

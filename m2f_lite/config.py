@@ -24,15 +24,23 @@ IMAGENET_STD = (58.395, 57.120, 57.375)  # MODEL.PIXEL_STD
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # a name in modeling.backbone.BACKBONES (resnet50, swin_large_384, ...)
-    freeze_at: int = 0  # MODEL.BACKBONE.FREEZE_AT: stages frozen (0 = none, 1 = stem, 2 = stem+res2, ...)
+    backbone: str = (
+        "resnet50"  # a name in modeling.backbone.BACKBONES (resnet50, swin_large_384, ...)
+    )
+    freeze_at: int = (
+        0  # MODEL.BACKBONE.FREEZE_AT: stages frozen (0 = none, 1 = stem, 2 = stem+res2, ...)
+    )
     drop_path_rate: float = 0.0  # MODEL.SWIN.DROP_PATH_RATE (0.3 for Swin)
-    num_classes: int = 133  # MODEL.SEM_SEG_HEAD.NUM_CLASSES (K; the model predicts K+1 with no-object)
+    num_classes: int = (
+        133  # MODEL.SEM_SEG_HEAD.NUM_CLASSES (K; the model predicts K+1 with no-object)
+    )
     num_queries: int = 100  # MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
     hidden_dim: int = 256  # MODEL.MASK_FORMER.HIDDEN_DIM
     nheads: int = 8  # MODEL.MASK_FORMER.NHEADS
     dim_feedforward: int = 2048  # MODEL.MASK_FORMER.DIM_FEEDFORWARD
-    dec_layers: int = 9  # decoder layers; the official DEC_LAYERS=10 counts the query prediction too
+    dec_layers: int = (
+        9  # decoder layers; the official DEC_LAYERS=10 counts the query prediction too
+    )
     pre_norm: bool = False  # MODEL.MASK_FORMER.PRE_NORM
     enforce_input_proj: bool = False  # MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ
     masked_attention: bool = True  # False: standard cross-attention (the paper's ablation)
@@ -155,7 +163,11 @@ _SWIN = {  # backbone name, MODEL.SWIN.DROP_PATH_RATE
 }
 _R101 = {"model.backbone": "resnet101"}
 
-_COCO_PANOPTIC = {"data.dataset": "coco_panoptic", "data.root": "data/coco", "model.num_classes": 133}
+_COCO_PANOPTIC = {
+    "data.dataset": "coco_panoptic",
+    "data.root": "data/coco",
+    "model.num_classes": 133,
+}
 _COCO_INSTANCE = {
     "data.dataset": "coco_instance",
     "data.root": "data/coco",
@@ -222,7 +234,11 @@ _CITYSCAPES_INSTANCE = {
     "inference.semantic_on": False,
     "inference.panoptic_on": False,
 }
-_CITYSCAPES_PANOPTIC = {**_CITYSCAPES, "data.dataset": "cityscapes_panoptic", "model.num_classes": 19}
+_CITYSCAPES_PANOPTIC = {
+    **_CITYSCAPES,
+    "data.dataset": "cityscapes_panoptic",
+    "model.num_classes": 19,
+}
 
 # The tiny CPU recipe for the synthetic shapes dataset (the book's running example).
 _SHAPES_TINY = {
@@ -269,14 +285,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "coco_panoptic_swin_t": {**_COCO_PANOPTIC, **_SWIN["swin_t"]},
     "coco_panoptic_swin_s": {**_COCO_PANOPTIC, **_SWIN["swin_s"]},
     "coco_panoptic_swin_b": {**_COCO_PANOPTIC, **_SWIN["swin_b"]},
-    "coco_panoptic_swin_l": {**_COCO_PANOPTIC, **_SWIN["swin_l"], **_COCO_100EP, "model.num_queries": 200},
+    "coco_panoptic_swin_l": {
+        **_COCO_PANOPTIC,
+        **_SWIN["swin_l"],
+        **_COCO_100EP,
+        "model.num_queries": 200,
+    },
     # COCO instance
     "coco_instance_r50": {**_COCO_INSTANCE},
     "coco_instance_r101": {**_COCO_INSTANCE, **_R101},
     "coco_instance_swin_t": {**_COCO_INSTANCE, **_SWIN["swin_t"]},
     "coco_instance_swin_s": {**_COCO_INSTANCE, **_SWIN["swin_s"]},
     "coco_instance_swin_b": {**_COCO_INSTANCE, **_SWIN["swin_b"]},
-    "coco_instance_swin_l": {**_COCO_INSTANCE, **_SWIN["swin_l"], **_COCO_100EP, "model.num_queries": 200},
+    "coco_instance_swin_l": {
+        **_COCO_INSTANCE,
+        **_SWIN["swin_l"],
+        **_COCO_100EP,
+        "model.num_queries": 200,
+    },
     # ADE20K semantic
     "ade20k_semantic_r50": {**_ADE_SEMANTIC},
     "ade20k_semantic_r101": {**_ADE_SEMANTIC, **_R101, "solver.max_iter": 90000},
@@ -286,11 +312,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ade20k_semantic_swin_l": {**_ADE_SEMANTIC, **_SWIN["swin_l"], **_ADE_640},
     # Cityscapes
     "cityscapes_semantic_r50": {**_CITYSCAPES_SEMANTIC},
-    "cityscapes_semantic_swin_l": {**_CITYSCAPES_SEMANTIC, **_SWIN["swin_l"], "model.num_queries": 200},
+    "cityscapes_semantic_swin_l": {
+        **_CITYSCAPES_SEMANTIC,
+        **_SWIN["swin_l"],
+        "model.num_queries": 200,
+    },
     "cityscapes_instance_r50": {**_CITYSCAPES_INSTANCE},
-    "cityscapes_instance_swin_l": {**_CITYSCAPES_INSTANCE, **_SWIN["swin_l"], "model.num_queries": 200},
+    "cityscapes_instance_swin_l": {
+        **_CITYSCAPES_INSTANCE,
+        **_SWIN["swin_l"],
+        "model.num_queries": 200,
+    },
     "cityscapes_panoptic_r50": {**_CITYSCAPES_PANOPTIC},
-    "cityscapes_panoptic_swin_l": {**_CITYSCAPES_PANOPTIC, **_SWIN["swin_l"], "model.num_queries": 200},
+    "cityscapes_panoptic_swin_l": {
+        **_CITYSCAPES_PANOPTIC,
+        **_SWIN["swin_l"],
+        "model.num_queries": 200,
+    },
     # CPU
     "shapes_tiny": {**_SHAPES_TINY},
 }
@@ -343,7 +381,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
         for item in overrides:
             item = item.removeprefix("--")
             if "=" not in item:
-                raise ValueError(f"override {item!r}: expected key=value, e.g. model.num_queries=50")
+                raise ValueError(
+                    f"override {item!r}: expected key=value, e.g. model.num_queries=50"
+                )
             key, value = item.split("=", 1)
             pairs[key.strip()] = value
         overrides = pairs
@@ -351,20 +391,32 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str]) -> Confi
         parts = key.split(".")
         node: Any = cfg
         for i, part in enumerate(parts):
-            if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            if not dataclasses.is_dataclass(node) or part not in {
+                f.name for f in dataclasses.fields(node)
+            }:
                 where = ".".join(parts[:i]) or "the config"
-                known = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
-                raise ValueError(f"unknown config key {key!r}: {where} has no field {part!r} (fields: {known})")
+                known = (
+                    ", ".join(f.name for f in dataclasses.fields(node))
+                    if dataclasses.is_dataclass(node)
+                    else ""
+                )
+                raise ValueError(
+                    f"unknown config key {key!r}: {where} has no field {part!r} (fields: {known})"
+                )
             if i < len(parts) - 1:
                 node = getattr(node, part)
         old = getattr(node, parts[-1])
         if dataclasses.is_dataclass(old):
-            raise ValueError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
+            raise ValueError(
+                f"config key {key!r} is a section; set one of its fields, e.g. {key}.<field>=..."
+            )
         setattr(node, parts[-1], _coerce(value, old, key))
     return cfg
 
 
-def get_config(name: str = "coco_panoptic_r50", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+def get_config(
+    name: str = "coco_panoptic_r50", overrides: dict[str, Any] | list[str] | None = None
+) -> Config:
     """The preset ``name`` with ``overrides`` applied on top."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

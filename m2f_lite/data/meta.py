@@ -29,7 +29,9 @@ class DatasetMeta:
         if not self.colors:
             self.colors = default_colors(k)
         if len(self.colors) != k:
-            raise ValueError(f"DatasetMeta {self.name!r}: {len(self.colors)} colors for {k} classes")
+            raise ValueError(
+                f"DatasetMeta {self.name!r}: {len(self.colors)} colors for {k} classes"
+            )
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,166 @@
+"""Drawing helpers shared by the book and ``m2f-lite predict``.
+
+Everything returns an ``uint8`` RGB array ``[H, W, 3]`` so that a figure (``plt.imshow``) and a
+file (``PIL.Image.fromarray(...).save``) show the same picture. A class has one colour everywhere
+(``DatasetMeta.colors``); instances of a thing class get small shade variations of it, outlines,
+and the class name at their centre.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from m2f_lite.data.meta import DatasetMeta
+
+
+def to_uint8_image(image: torch.Tensor | np.ndarray | Image.Image) -> np.ndarray:
+    """``[3, H, W]`` float tensor in 0..255 (the package's image convention), ``[H, W, 3]`` array or
+    a PIL image → ``uint8`` ``[H, W, 3]``."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)  # [H, W, C]
+        image = image.numpy()
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).round().astype(np.uint8)
+    return image
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def boundaries(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a boolean mask ``[H, W]`` that touch a pixel outside it (4-neighbourhood)."""
+    pad = np.pad(mask, 1, mode="constant", constant_values=False)
+    inner = pad[1:-1, :-2] & pad[1:-1, 2:] & pad[:-2, 1:-1] & pad[2:, 1:-1]
+    return mask & ~inner
+
+
+def _shade(color: Sequence[int], index: int) -> np.ndarray:
+    """A deterministic variation of ``color`` so that instances of one class stay distinguishable."""
+    if index == 0:
+        return np.asarray(color, dtype=np.float32)
+    rng = np.random.default_rng(index)
+    return np.clip(np.asarray(color, dtype=np.float32) + rng.uniform(-60, 60, size=3), 0, 255)
+
+
+def _label(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, font) -> None:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return
+    # The mask pixel closest to the centroid: stays inside non-convex shapes.
+    cy, cx = ys.mean(), xs.mean()
+    i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    x, y = int(xs[i]), int(ys[i])
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
+    draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+    draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
+
+
+def _font(height: int):
+    size = max(8, min(18, height // 24))
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has a single bitmap size
+        return ImageFont.load_default()
+
+
+def overlay_segments(
+    image,
+    masks: Sequence[np.ndarray],
+    class_ids: Sequence[int],
+    meta: DatasetMeta,
+    *,
+    alpha: float = 0.55,
+    outline: bool = True,
+    labels: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Paint boolean masks ``[H, W]`` over ``image`` in their class colours, outline them, name them.
+
+    Masks are painted in order, so a later mask covers an earlier one where they overlap.
+    """
+    canvas = to_uint8_image(image).astype(np.float32)
+    seen: dict[int, int] = {}
+    edges = np.zeros(canvas.shape[:2], dtype=bool)
+    for mask, cls in zip(masks, class_ids):
+        cls = int(cls)
+        color = _shade(meta.colors[cls], seen.get(cls, 0) if meta.is_thing[cls] else 0)
+        seen[cls] = seen.get(cls, 0) + 1
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
+        if outline and meta.is_thing[cls]:
+            edges |= boundaries(mask)
+    canvas[edges] = 255.0
+    out = Image.fromarray(canvas.round().astype(np.uint8))
+    if labels is None:
+        labels = [meta.classes[int(c)] for c in class_ids]
+    draw = ImageDraw.Draw(out)
+    font = _font(out.height)
+    for mask, text in zip(masks, labels):
+        if text:
+            _label(draw, mask, text, font)
+    return np.asarray(out)
+
+
+def draw_semantic(
+    image, sem_seg: torch.Tensor | np.ndarray, meta: DatasetMeta, **kwargs
+) -> np.ndarray:
+    """``sem_seg`` ``[H, W]`` class ids (``meta.ignore_label`` = unlabelled) or scores ``[K, H, W]``."""
+    sem = _as_numpy(sem_seg)
+    if sem.ndim == 3:
+        sem = sem.argmax(0)
+    classes = [c for c in np.unique(sem) if c != meta.ignore_label and c < meta.num_classes]
+    masks = [sem == c for c in classes]
+    return overlay_segments(image, masks, classes, meta, outline=False, **kwargs)
+
+
+def draw_panoptic(
+    image, panoptic_seg, segments_info: Sequence[dict], meta: DatasetMeta, **kwargs
+) -> np.ndarray:
+    """``panoptic_seg`` ``[H, W]`` segment ids (0 = void) with ``segments_info`` [{id, category_id}]
+    where ``category_id`` is the contiguous class index."""
+    pan = _as_numpy(panoptic_seg)
+    # Stuff first, things on top, so that labels of small things stay visible.
+    infos = sorted(segments_info, key=lambda s: meta.is_thing[int(s["category_id"])])
+    masks = [pan == s["id"] for s in infos]
+    return overlay_segments(image, masks, [s["category_id"] for s in infos], meta, **kwargs)
+
+
+def draw_instances(
+    image,
+    masks: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    scores: torch.Tensor | np.ndarray | None,
+    meta: DatasetMeta,
+    *,
+    score_threshold: float = 0.5,
+    **kwargs,
+) -> np.ndarray:
+    """Instances ``masks`` ``[N, H, W]`` with ``labels`` ``[N]`` and ``scores`` ``[N]``; those below
+    ``score_threshold`` are left out. Lower scores are painted first."""
+    masks, labels = _as_numpy(masks).astype(bool), _as_numpy(labels)
+    scores = np.ones(len(labels)) if scores is None else _as_numpy(scores)
+    order = [i for i in np.argsort(scores) if scores[i] >= score_threshold]
+    text = [f"{meta.classes[int(labels[i])]} {scores[i]:.2f}" for i in order]
+    return overlay_segments(
+        image, [masks[i] for i in order], [labels[i] for i in order], meta, labels=text, **kwargs
+    )
+
+
+def legend_handles(meta: DatasetMeta, class_ids: Sequence[int] | None = None):
+    """Matplotlib patches for a legend of the given classes (all by default)."""
+    from matplotlib.patches import Patch
+
+    ids = range(meta.num_classes) if class_ids is None else class_ids
+    return [Patch(color=np.asarray(meta.colors[i]) / 255, label=meta.classes[i]) for i in ids]
