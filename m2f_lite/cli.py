@@ -19,13 +19,49 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="make, download, prepare or check datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
 
-    s = dsub.add_parser("synthetic", help="write the synthetic shapes dataset (COCO panoptic/instances + semantic PNGs)")
+    s = dsub.add_parser(
+        "synthetic",
+        help="write the synthetic shapes dataset (COCO panoptic/instances + semantic PNGs)",
+    )
     s.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
     s.add_argument("--n-train", type=int, default=500, help="training images (default: 500)")
     s.add_argument("--n-val", type=int, default=100, help="validation images (default: 100)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=_cmd_data_synthetic)
+
+    names = ("coco", "ade20k", "cityscapes")
+    d = dsub.add_parser("download", help="download, verify and extract coco, ade20k or cityscapes")
+    d.add_argument("name", choices=names)
+    d.add_argument("--root", default="data", help="folder that holds the datasets (default: data)")
+    d.set_defaults(func=_cmd_data_download)
+
+    pr = dsub.add_parser(
+        "prepare",
+        help="make the derived files (coco: panoptic_semseg; cityscapes: trainIds, panoptic)",
+    )
+    pr.add_argument("name", choices=names)
+    pr.add_argument("--root", default="data", help="folder that holds the datasets (default: data)")
+    pr.add_argument("--workers", type=int, default=1, help="processes for coco (default: 1)")
+    pr.set_defaults(func=_cmd_data_prepare)
+
+    c = dsub.add_parser(
+        "check", help="validate a dataset folder and list every problem (exit 1 on errors)"
+    )
+    c.add_argument(
+        "path",
+        help="dataset folder (the shapes/coco_custom layout, coco/ or ADEChallengeData2016/)",
+    )
+    c.add_argument(
+        "--format", default="auto", choices=("auto", "coco_panoptic", "coco_instance", "semantic")
+    )
+    c.add_argument(
+        "--num-classes", type=int, default=None, help="for semantic labels (default: from the JSON)"
+    )
+    c.add_argument(
+        "--limit", type=int, default=None, help="check only the first N images of each split"
+    )
+    c.set_defaults(func=_cmd_data_check)
 
 
 def _cmd_data_synthetic(args: argparse.Namespace) -> None:
@@ -34,21 +70,281 @@ def _cmd_data_synthetic(args: argparse.Namespace) -> None:
     synthetic.main(args)
 
 
+def _cmd_data_download(args: argparse.Namespace) -> None:
+    from m2f_lite.data.download import DownloadError, download
+
+    try:
+        download(args.name, args.root)
+    except DownloadError as e:
+        raise UserError(str(e)) from e
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> None:
+    from m2f_lite.data.prepare import prepare
+
+    prepare(args.name, args.root, workers=args.workers)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> None:
+    from m2f_lite.data import check
+
+    rc = check.main(args.path, fmt=args.format, num_classes=args.num_classes, limit=args.limit)
+    if rc:
+        raise SystemExit(rc)
+
+
+# ----------------------------------------------------------------------------------------------
+# train, eval, predict, convert, eval-files, bench
+# ----------------------------------------------------------------------------------------------
+
+OVERRIDES_HELP = "dotted config overrides, e.g. --model.num_queries=50 or solver.max_iter=300"
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train",
+        help="train a preset (torchrun --nproc_per_node=N -m m2f_lite.cli train ... for DDP)",
+        epilog=OVERRIDES_HELP,
+    )
+    t.add_argument("preset", help="a preset name (m2f_lite.config.PRESETS), e.g. shapes_tiny")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
+    t.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint file")
+    t.set_defaults(func=_cmd_train, takes_overrides=True)
+
+    e = sub.add_parser(
+        "eval", help="evaluate a checkpoint (or a preset --weights W)", epilog=OVERRIDES_HELP
+    )
+    e.add_argument(
+        "model", metavar="CHECKPOINT_OR_PRESET", help="a .pt checkpoint, or a preset name"
+    )
+    e.add_argument("--weights", help="weights for a preset (an m2f-lite checkpoint)")
+    e.add_argument("--json", metavar="FILE", help="also write the metrics to this json file")
+    e.set_defaults(func=_cmd_eval, takes_overrides=True)
+
+    p = sub.add_parser(
+        "predict",
+        help="segment images: overlay PNG + raw segmentation files",
+        epilog=OVERRIDES_HELP,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--weights", required=True, help="an m2f-lite checkpoint (train or convert)")
+    p.add_argument("--task", default="panoptic", choices=("panoptic", "instance", "semantic"))
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.set_defaults(func=_cmd_predict, takes_overrides=True)
+
+    c = sub.add_parser(
+        "convert", help="official detectron2 .pkl/.pth or an HF folder -> m2f-lite checkpoint"
+    )
+    c.add_argument("src", help="official checkpoint file, or a local HF transformers model folder")
+    c.add_argument("dst", help="the m2f-lite checkpoint to write (.pt)")
+    c.add_argument("--source", default="auto", choices=("auto", "detectron2", "transformers"))
+    c.add_argument(
+        "--preset", default=None, help="the preset the weights belong to (default: guessed)"
+    )
+    c.set_defaults(func=_cmd_convert)
+
+    f = sub.add_parser(
+        "eval-files", help="score prediction files on disk against ground truth files"
+    )
+    fsub = f.add_subparsers(dest="eval_task", required=True)
+    fp = fsub.add_parser("panoptic", help="COCO panoptic PNG folder + json (PQ)")
+    fp.add_argument("--gt-json", required=True)
+    fp.add_argument("--gt-dir", required=True)
+    fp.add_argument("--pred-json", required=True)
+    fp.add_argument("--pred-dir", required=True)
+    fi = fsub.add_parser("instance", help="COCO results json (mask AP)")
+    fi.add_argument("--gt-json", required=True, help="COCO instances ground truth")
+    fi.add_argument("--results", required=True, help="COCO results json (RLE segmentation, score)")
+    fs = fsub.add_parser("semantic", help="label PNG folders matched by file name (mIoU)")
+    fs.add_argument("--gt-dir", required=True)
+    fs.add_argument("--pred-dir", required=True)
+    fs.add_argument("--num-classes", type=int, required=True)
+    fs.add_argument("--ignore-label", type=int, default=255)
+    fs.add_argument("--gt-suffix", default="", help="e.g. _gtFine_labelTrainIds for Cityscapes")
+    fs.add_argument("--pred-suffix", default="")
+    fs.add_argument(
+        "--reduce-zero-label", action="store_true", help="ADE20K raw labels (0 = ignore)"
+    )
+    f.set_defaults(func=_cmd_eval_files)
+
+    b = sub.add_parser("bench", help="speed/memory benchmark (benchmarks/bench_model.py)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_model.py")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _config(name: str, overrides: list[str]):
+    from m2f_lite.config import get_config
+
+    return get_config(name, overrides)
+
+
+def _ensure_shapes(cfg) -> None:
+    """The synthetic shapes are made on first use (seconds), so that `train shapes_tiny` just works."""
+    from pathlib import Path
+
+    root = Path(cfg.data.root)
+    if cfg.data.dataset.startswith("shapes") and not (root / "panoptic_train.json").exists():
+        from m2f_lite.book import SHAPES_ARGS
+        from m2f_lite.data import synthetic
+
+        print(
+            f"{root} has no shapes dataset: making it (m2f-lite data synthetic --out {root})",
+            file=sys.stderr,
+        )
+        synthetic.generate(root, **SHAPES_ARGS)
+
+
+def _print_metrics(metrics: dict, json_path: str | None = None) -> None:
+    import json
+
+    from m2f_lite.metrics.eval_files import format_results
+
+    print(format_results(metrics))
+    if json_path:
+        from m2f_lite.checkpoint import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(metrics, indent=2))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from m2f_lite.engine import train
+    from m2f_lite.train_log import headline
+
+    cfg = _config(args.preset, args.overrides)
+    if args.resume and args.resume_from:
+        raise UserError("give --resume or --resume-from, not both")
+    _ensure_shapes(cfg)
+    result = train(cfg, resume=args.resume_from or args.resume)
+    if result["interrupted"]:
+        print(f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume", file=sys.stderr)  # fmt: skip
+        raise SystemExit(128 + result["interrupted"])
+    if result["metrics"]:
+        _print_metrics(result["metrics"])
+        summary = ", ".join(f"{k} {v:.1f}" for k, v in headline(result["metrics"]).items())
+        print(f"{cfg.name}: {summary} after {result['iteration']} iterations, {result['seconds'] / 60:.1f} min")  # fmt: skip
+    print(f"checkpoint: {result['checkpoint']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from m2f_lite import checkpoint as ckpt
+    from m2f_lite.config import apply_overrides
+    from m2f_lite.engine import evaluate
+    from m2f_lite.modeling.mask2former import build_model
+
+    if Path(args.model).is_file():
+        if args.weights:
+            raise UserError(f"{args.model} is a checkpoint: --weights is for a preset")
+        state = ckpt.load_checkpoint(args.model)
+        cfg = apply_overrides(ckpt.checkpoint_config(state, args.model), args.overrides)
+        weights = args.model
+    else:
+        from m2f_lite.config import PRESETS
+
+        if args.model not in PRESETS:
+            raise FileNotFoundError(f"{args.model}: no such checkpoint file, and not a preset name")
+        cfg = _config(args.model, args.overrides)
+        weights = args.weights or cfg.weights
+        if not weights:
+            raise UserError(f"{args.model!r} is not a file; for a preset give --weights CHECKPOINT")
+        state = ckpt.load_checkpoint(weights)
+    _ensure_shapes(cfg)
+    model = build_model(cfg)
+    ckpt.load_model_state(model, state["model"], source=weights)
+    import torch
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    _print_metrics(evaluate(cfg, model), args.json)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from m2f_lite.predictor import Predictor, write_prediction
+
+    predictor = Predictor.from_checkpoint(
+        args.weights, device=args.device, overrides=args.overrides
+    )
+    for image_id, image in enumerate(args.images):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image {image}: no such file")
+        result = predictor(image)
+        files = write_prediction(predictor, result, args.task, args.out, stem=Path(image).stem, image_id=image_id)  # fmt: skip
+        print(f"{image}: " + ", ".join(str(f) for f in files))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from m2f_lite.convert import convert_main
+
+    report = convert_main(args.src, args.dst, source=args.source, preset=args.preset)
+    print(report)
+    print(f"wrote {args.dst}")
+
+
+def _cmd_eval_files(args: argparse.Namespace) -> None:
+    from m2f_lite.metrics import eval_files
+
+    if args.eval_task == "panoptic":
+        metrics = eval_files.evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)  # fmt: skip
+    elif args.eval_task == "instance":
+        metrics = eval_files.evaluate_instance_files(args.gt_json, args.results)
+    else:
+        metrics = eval_files.evaluate_semantic_files(
+            args.gt_dir, args.pred_dir, num_classes=args.num_classes, ignore_label=args.ignore_label,
+            gt_suffix=args.gt_suffix, pred_suffix=args.pred_suffix, reduce_zero_label=args.reduce_zero_label,
+        )  # fmt: skip
+    _print_metrics(metrics)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    if not script.is_file():
+        raise UserError(f"{script} not found: `m2f-lite bench` runs the repository's benchmarks/bench_model.py (clone the repository)")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("bench_model", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(args.bench_args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the one line ``m2f-lite: error: ...`` (exit 2)."""
+
+    def error(self, message: str) -> None:
+        print(f"m2f-lite: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2f-lite", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="m2f-lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
+    _add_run(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # train/eval/predict take dotted overrides (`--model.num_queries=50` or `model.num_queries=50`),
+    # which argparse does not know: they come back as the unknown arguments.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         args.func(args)
     except (UserError, FileNotFoundError, ValueError) as e:
         print(f"m2f-lite: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite loss with solver.nonfinite_loss=stop
+        print(f"m2f-lite: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("m2f-lite: interrupted", file=sys.stderr)
         return 130
