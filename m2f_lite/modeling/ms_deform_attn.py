@@ -36,7 +36,7 @@ def ms_deform_attn_reference(
     Returns:
         ``[B, Lq, heads * D]``.
     """
-    B, S, M, D = value.shape
+    B, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     value_list = value.split([h * w for h, w in shapes], dim=1)
@@ -48,7 +48,11 @@ def ms_deform_attn_reference(
         # [B, Lq, M, P, 2] -> [B, M, Lq, P, 2] -> [B*M, Lq, P, 2]
         grid_l = sampling_grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # [B*M, D, Lq, P]
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(
+                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+        )
     # [B, Lq, M, L, P] -> [B, M, Lq, L, P] -> [B*M, 1, Lq, L*P]
     weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [B*M, D, Lq]
@@ -86,10 +90,14 @@ class MSDeformAttn(nn.Module):
         n_points: sampling points P per head and level.
     """
 
-    def __init__(self, *, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(
+        self, *, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4
+    ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"MSDeformAttn: d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ValueError(
+                f"MSDeformAttn: d_model={d_model} must be divisible by n_heads={n_heads}"
+            )
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
@@ -112,8 +120,12 @@ class MSDeformAttn(nn.Module):
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # [M, 2]
         grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)  # [M, L, P, 2]
-        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)  # point k at k+1 pixels
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(
+            1, self.n_levels, self.n_points, 1
+        )  # [M, L, P, 2]
+        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(
+            1, 1, -1, 1
+        )  # point k at k+1 pixels
         self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
@@ -155,10 +167,17 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(B, S, M, self.d_model // M)  # [B, S, M, D]
         offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # Δp in pixels of each level
-        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
+        weights = (
+            self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
+        )
         # (W_l, H_l) of each level, to turn pixel offsets into [0, 1] map coordinates
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        normalizer = torch.tensor(
+            [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
+        )
         # [B, Lq, 1, L, 1, 2] + [B, Lq, M, L, P, 2] / [1, 1, 1, L, 1, 2] -> [B, Lq, M, L, P, 2]
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = (
+            reference_points[:, :, None, :, None, :]
+            + offsets / normalizer[None, None, None, :, None, :]
+        )
         out = ms_deform_attn(value, spatial_shapes, locations, weights)  # [B, Lq, C]
         return self.output_proj(out)

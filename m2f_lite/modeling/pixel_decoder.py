@@ -24,6 +24,7 @@ precision in the official code).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,17 @@ def c2_xavier_fill(conv: nn.Conv2d) -> None:
 class ConvNorm(nn.Sequential):
     """A conv without bias, then GroupNorm, then an optional ReLU (detectron2's ``Conv2d(norm="GN")``)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, kernel_size: int, norm_groups: int, relu: bool) -> None:
-        layers: dict[str, nn.Module] = {
-            "conv": nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            "norm": nn.GroupNorm(norm_groups, out_channels),
-        }
+    def __init__(
+        self, *, in_channels: int, out_channels: int, kernel_size: int, norm_groups: int, relu: bool
+    ) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            {
+                "conv": nn.Conv2d(
+                    in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+                ),
+                "norm": nn.GroupNorm(norm_groups, out_channels),
+            }
+        )
         if relu:
             layers["relu"] = nn.ReLU()
         super().__init__(layers)
@@ -57,21 +64,33 @@ class ConvNorm(nn.Sequential):
 class DeformableEncoderLayer(nn.Module):
     """One encoder layer: MSDeformAttn self-attention, then FFN, each with residual + post-LayerNorm."""
 
-    def __init__(self, *, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int) -> None:
+    def __init__(
+        self, *, d_model: int, n_levels: int, n_heads: int, n_points: int, dim_feedforward: int
+    ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
+        self.self_attn = MSDeformAttn(
+            d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points
+        )
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        pos: Tensor,
+        reference_points: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> Tensor:
         """``src``, ``pos``: ``[B, S, C]``; ``reference_points``: ``[B, S, L, 2]``. Returns ``[B, S, C]``."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
 
-def encoder_reference_points(spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device) -> Tensor:
+def encoder_reference_points(
+    spatial_shapes: list[tuple[int, int]], batch: int, device: torch.device
+) -> Tensor:
     """Each pixel's own centre as its reference point, on every level: ``[B, S, L, 2]``, (x, y) in (0, 1).
 
     Pixel (i, j) of an H×W level sits at ((j + 0.5) / W, (i + 0.5) / H). No image padding is masked
@@ -124,9 +143,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(strides) or list(strides) != sorted(strides):
-            raise ValueError(f"channels {channels} and strides {strides} must describe the same maps, finest first")
+            raise ValueError(
+                f"channels {channels} and strides {strides} must describe the same maps, finest first"
+            )
         if conv_dim % norm_groups != 0:
-            raise ValueError(f"norm_groups={norm_groups} must divide conv_dim={conv_dim} (GroupNorm)")
+            raise ValueError(
+                f"norm_groups={norm_groups} must divide conv_dim={conv_dim} (GroupNorm)"
+            )
         self.strides = list(strides)
         self.in_features = [f"res{i + 2}" for i in range(len(channels))]  # res2..res5, finest first
         self.num_encoder_levels = num_encoder_levels
@@ -136,7 +159,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         # 1x1 conv + GN per encoder level, coarsest first (res5, res4, res3) as the official order
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(norm_groups, conv_dim))
+            nn.Sequential(
+                nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(norm_groups, conv_dim)
+            )
             for c in reversed(enc_channels)
         )
         for proj in self.input_proj:
@@ -166,11 +191,23 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # in practice). Stored finest first: lateral_convs[j] reads map j (the official adapter_{j+1}).
         num_fpn = int(math.log2(self.strides[-num_encoder_levels]) - math.log2(common_stride))
         self.lateral_convs = nn.ModuleList(
-            ConvNorm(in_channels=c, out_channels=conv_dim, kernel_size=1, norm_groups=norm_groups, relu=False)
+            ConvNorm(
+                in_channels=c,
+                out_channels=conv_dim,
+                kernel_size=1,
+                norm_groups=norm_groups,
+                relu=False,
+            )
             for c in channels[:num_fpn]
         )
         self.output_convs = nn.ModuleList(
-            ConvNorm(in_channels=conv_dim, out_channels=conv_dim, kernel_size=3, norm_groups=norm_groups, relu=True)
+            ConvNorm(
+                in_channels=conv_dim,
+                out_channels=conv_dim,
+                kernel_size=3,
+                norm_groups=norm_groups,
+                relu=True,
+            )
             for _ in range(num_fpn)
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
@@ -192,10 +229,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         enc_maps = maps[-self.num_encoder_levels :][::-1]
         B = enc_maps[0].shape[0]
         spatial_shapes = [(x.shape[2], x.shape[3]) for x in enc_maps]
-        src = torch.cat([proj(x).flatten(2).transpose(1, 2) for proj, x in zip(self.input_proj, enc_maps)], 1)  # [B, S, C]
+        src = torch.cat(
+            [proj(x).flatten(2).transpose(1, 2) for proj, x in zip(self.input_proj, enc_maps)], 1
+        )  # [B, S, C]
         pos = torch.cat(
             [
-                self.pe_layer(x).flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)  # [B, H_l*W_l, C]
+                self.pe_layer(x).flatten(2).transpose(1, 2)
+                + self.level_embed[lvl].view(1, 1, -1)  # [B, H_l*W_l, C]
                 for lvl, x in enumerate(enc_maps)
             ],
             1,
@@ -207,12 +247,18 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # back to maps: [B, S, C] -> L x [B, C, H_l, W_l], coarsest first
         outs = [
             y.transpose(1, 2).reshape(B, self.conv_dim, h, w)
-            for y, (h, w) in zip(src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
+            for y, (h, w) in zip(
+                src.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes
+            )
         ]
         # FPN: from the encoder's finest output down to common_stride, coarse to fine
         for j in reversed(range(len(self.lateral_convs))):
             lateral = self.lateral_convs[j](maps[j])  # [B, C, H_j, W_j]
-            up = F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            up = F.interpolate(
+                outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+            )
             outs.append(self.output_convs[j](lateral + up))
-        memory = outs[:3]  # the three coarsest maps (strides 32, 16, 8) feed the transformer decoder
+        memory = outs[
+            :3
+        ]  # the three coarsest maps (strides 32, 16, 8) feed the transformer decoder
         return self.mask_features(outs[-1]), memory

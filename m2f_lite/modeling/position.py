@@ -48,8 +48,16 @@ class PositionEmbeddingSine(nn.Module):
         """Positional code for the map ``x`` ``[B, C, H, W]`` (only its shape and device are used)."""
         B, _, H, W = x.shape
         # 1-based row and column of every pixel, as the official cumsum over a mask of ones.
-        y_embed = torch.arange(1, H + 1, dtype=torch.float32, device=x.device).view(1, H, 1).expand(B, H, W)
-        x_embed = torch.arange(1, W + 1, dtype=torch.float32, device=x.device).view(1, 1, W).expand(B, H, W)
+        y_embed = (
+            torch.arange(1, H + 1, dtype=torch.float32, device=x.device)
+            .view(1, H, 1)
+            .expand(B, H, W)
+        )
+        x_embed = (
+            torch.arange(1, W + 1, dtype=torch.float32, device=x.device)
+            .view(1, 1, W)
+            .expand(B, H, W)
+        )
         if self.normalize:
             eps = 1e-6
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale  # [B, H, W], in (0, scale]
@@ -57,7 +65,9 @@ class PositionEmbeddingSine(nn.Module):
 
         d = self.num_pos_feats
         i = torch.arange(d, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / d)  # [d]: T^(2i/d), each twice
+        dim_t = self.temperature ** (
+            2 * torch.div(i, 2, rounding_mode="floor") / d
+        )  # [d]: T^(2i/d), each twice
 
         pos_x = x_embed[..., None] / dim_t  # [B, H, W, d]
         pos_y = y_embed[..., None] / dim_t
