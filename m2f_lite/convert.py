@@ -284,10 +284,13 @@ def _config_for(fields: dict[str, Any], preset: str | None, src: str) -> Config:
             if getattr(m, k[6:]) != v
         ]
 
+    # Official and HF weights are fine-tuned with detectron2's FrozenBN: their BatchNorms carry
+    # fixed statistics and no step counter, whatever norm the preset trains from scratch with.
+    frozen = {"model.backbone_norm": "frozen_bn"}
     if preset is not None:
         if wrong := differences(preset):
             raise ConversionError(f"{src} does not fit preset {preset!r}:\n  " + "\n  ".join(wrong))
-        return get_config(preset)
+        return get_config(preset, frozen)
     matches = [name for name in PRESETS if not differences(name)]
     if len(matches) != 1:
         found = ", ".join(
@@ -297,7 +300,7 @@ def _config_for(fields: dict[str, Any], preset: str | None, src: str) -> Config:
         raise ConversionError(
             f"{src}: cannot tell the preset from the weights ({found}); pass --preset ({hint})"
         )
-    return get_config(matches[0])
+    return get_config(matches[0], frozen)
 
 
 def convert_main(

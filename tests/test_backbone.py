@@ -248,3 +248,22 @@ def test_bad_names_and_overrides_are_refused():
         build_backbone("resnet50", window_size=7)
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         build_backbone("resnet18")(torch.randn(3, 32, 32))
+
+
+def test_norm_option_frozen_or_trainable():
+    """Official recipes fine-tune with FrozenBN; from scratch the BatchNorms train. A frozen BN must
+    not start at timm's zero-initialised last scale, which would switch the residual branches off."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    frozen = build_backbone("resnet18")
+    assert isinstance(frozen.body.layer1[0].bn2, FrozenBatchNorm2d)
+    assert frozen.body.layer1[0].bn2.weight.abs().sum() > 0
+    trainable = build_backbone("resnet18", norm="bn")
+    bn = trainable.body.layer1[0].bn2
+    assert isinstance(bn, torch.nn.BatchNorm2d) and bn.weight.requires_grad
+    trainable.train()
+    before = bn.running_mean.clone()
+    trainable(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(before, bn.running_mean)
+    with pytest.raises(ValueError, match="norm"):
+        build_backbone("resnet18", norm="group")

@@ -26,6 +26,7 @@ PRESET = "shapes_tiny"
 # pinned so that the shapes below hold whatever the preset becomes
 TINY = [
     "model.backbone=resnet18",
+    "model.backbone_norm=frozen_bn",
     "model.num_classes=7",
     "model.num_queries=20",
     "model.hidden_dim=64",
@@ -42,7 +43,8 @@ TINY = [
 
 def tiny_model(seed, preset_only=False):
     torch.manual_seed(seed)
-    return build_model(get_config(PRESET, [] if preset_only else TINY)).eval()
+    frozen = ["model.backbone_norm=frozen_bn"]  # official weights: detectron2's FrozenBN
+    return build_model(get_config(PRESET, frozen if preset_only else TINY)).eval()
 
 
 def official(model):
@@ -217,7 +219,10 @@ def test_convert_main_detectron2_writes_a_loadable_checkpoint(tmp_path):
     convert_main(str(src), str(dst))  # no other preset has its model fields
     ckpt = torch.load(dst, weights_only=True)
     cfg = config_from_dict(ckpt["config"])
-    assert cfg.name == PRESET and cfg.model == get_config(PRESET).model
+    assert (
+        cfg.name == PRESET
+        and cfg.model == get_config(PRESET, ["model.backbone_norm=frozen_bn"]).model
+    )
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     assert all(

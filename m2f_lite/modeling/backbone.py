@@ -117,6 +117,9 @@ class Backbone(nn.Module):
     Args:
         name: a key of :data:`BACKBONES` (kept for the weight converters).
         arch: the architecture keywords for timm (the entry's ``arch`` plus any overrides).
+        norm: the ResNet's normalisation: ``"frozen_bn"`` (detectron2's default ``FrozenBN``, for
+            fine-tuning ImageNet weights, as every official recipe) or ``"bn"`` (trainable
+            BatchNorm, for training from scratch, e.g. the tiny CPU recipe). Swin ignores it.
         drop_path_rate: stochastic depth of the Swin blocks (``MODEL.SWIN.DROP_PATH_RATE``, 0.3 in
             the official Swin configs), increasing linearly over the blocks; ResNets ignore it.
         channels_last: run the ResNet convolutions in channels-last memory format (faster on
@@ -133,11 +136,15 @@ class Backbone(nn.Module):
         *,
         name: str,
         arch: dict[str, Any] | None = None,
+        norm: str = "frozen_bn",
         drop_path_rate: float = 0.0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"Backbone norm={norm!r}: expected 'frozen_bn' or 'bn'")
         self.name = name
+        self.norm = norm
         self.family = backbone_family(name)
         self.arch = dict(arch or {})
         self.channels_last = channels_last and self.family == "resnet"
@@ -148,10 +155,13 @@ class Backbone(nn.Module):
                 pretrained=False,
                 features_only=True,
                 out_indices=(1, 2, 3, 4),
+                # timm zero-initialises each block's last BN scale; frozen at 0 it would switch the
+                # residual branches off for good when no pretrained weights are loaded
+                zero_init_last=norm == "bn",
                 **self.arch,
             )
-            # every BatchNorm2d -> FrozenBatchNorm2d: weight, bias and statistics are buffers
-            self.body = freeze_batch_norm_2d(body)
+            # frozen: every BatchNorm2d -> FrozenBatchNorm2d (weight, bias, statistics are buffers)
+            self.body = freeze_batch_norm_2d(body) if norm == "frozen_bn" else body
             self.channels: list[int] = list(self.body.feature_info.channels())
             if self.channels_last:
                 self.body = self.body.to(memory_format=torch.channels_last)
@@ -205,6 +215,7 @@ def build_backbone(
     name: str,
     *,
     freeze_at: int = 0,
+    norm: str = "frozen_bn",
     drop_path_rate: float = 0.0,
     channels_last: bool = False,
     **arch_overrides: Any,
@@ -229,7 +240,7 @@ def build_backbone(
         )
     arch = {**BACKBONES[name]["arch"], **arch_overrides}
     backbone = Backbone(
-        name=name, arch=arch, drop_path_rate=drop_path_rate, channels_last=channels_last
+        name=name, arch=arch, norm=norm, drop_path_rate=drop_path_rate, channels_last=channels_last
     )
     backbone.freeze(freeze_at)
     return backbone

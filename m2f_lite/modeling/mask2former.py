@@ -131,7 +131,7 @@ def build_model(cfg: Config, *, backbone: nn.Module | None = None) -> Mask2Forme
     m = cfg.model
     if backbone is None:
         backbone = build_backbone(
-            m.backbone, freeze_at=m.freeze_at, drop_path_rate=m.drop_path_rate
+            m.backbone, freeze_at=m.freeze_at, norm=m.backbone_norm, drop_path_rate=m.drop_path_rate
         )
     pixel_decoder = MSDeformAttnPixelDecoder(
         channels=list(backbone.channels),
