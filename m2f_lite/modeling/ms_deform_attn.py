@@ -12,10 +12,13 @@ the official ``ms_deform_attn_core_pytorch``), weighted by the attention weights
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from m2f_lite.modeling.ms_deform_attn_triton import ms_deform_attn_triton, triton_available
 
 
 def ms_deform_attn_reference(
@@ -67,11 +70,18 @@ def ms_deform_attn(
 ) -> Tensor:
     """Multi-scale deformable attention core: ``[B, Lq, heads * D]`` (see ``ms_deform_attn_reference``).
 
-    The one entry point the model calls. Today it always runs the reference path; the fast CUDA
-    kernel (``ms_deform_attn_triton``, same signature) is dispatched from here once it lands, and
-    a test compares the two.
+    The one entry point the model calls. CUDA tensors go through the Triton kernel
+    (:func:`m2f_lite.modeling.ms_deform_attn_triton.ms_deform_attn_triton`, same signature and
+    numbers, compared with the reference in ``tests/test_ms_deform_attn_triton.py``) when Triton is
+    installed; everything else, the CPU included, runs the reference path. ``M2F_MSDA=reference``
+    forces the reference path everywhere (for debugging and benchmarks).
     """
-    # Fast path (CUDA): `if value.is_cuda: return ms_deform_attn_triton(...)` goes here.
+    if (
+        value.is_cuda
+        and os.environ.get("M2F_MSDA", "") != "reference"
+        and triton_available(value.device)
+    ):
+        return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
 
 
