@@ -50,8 +50,8 @@ test: $(VENV)/.dev-installed $(SHAPES)/.complete
 test-py:
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 
-test-nb:
-	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env book
+test-nb:  # two kernels on two cores: one thread each
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env book
 
 test-book:
 	$(JB) build --all -W -n --keep-going .

@@ -110,27 +110,27 @@ def setup(seed: int = 0, *, verbose: bool = True) -> BookContext:
 def show_source(obj, *, start: str | None = None, end: str | None = None):
     """The package's own source of ``obj`` (function, class or method), for display in a chapter.
 
-    ``start``/``end`` cut the listing to the lines from the first one containing ``start`` to the
-    first one after it containing ``end`` (both included), to focus on part of a long function.
+    ``start``/``end`` cut the listing to the lines from the first one containing ``start`` (default:
+    the first line) to the first one from there containing ``end`` (default: the last line), both
+    included, to focus on part of a long function.
     The listing is read from the installed package, so a chapter can never drift from the code.
     """
     import inspect
+    import textwrap
 
     from IPython.display import Code
 
     lines = inspect.getsource(obj).splitlines()
+    first, last = 0, len(lines) - 1
     if start is not None:
         first = next((i for i, line in enumerate(lines) if start in line), None)
         if first is None:
             raise ValueError(f"show_source: no line of {obj.__qualname__} contains {start!r}")
-        last = len(lines) - 1
-        if end is not None:
-            last = next((i for i, line in enumerate(lines[first:], first) if end in line), None)
-            if last is None:
-                raise ValueError(f"show_source: no line of {obj.__qualname__} after {start!r} contains {end!r}")
-        lines = lines[first : last + 1]
+    if end is not None:
+        last = next((i for i, line in enumerate(lines[first:], first) if end in line), None)
+        if last is None:
+            raise ValueError(f"show_source: no line of {obj.__qualname__} after line {first} contains {end!r}")
+    lines = lines[first : last + 1]
     module = inspect.getmodule(obj).__name__
     header = f"# {module}.{obj.__qualname__}"
-    import textwrap
-
     return Code(header + "\n" + textwrap.dedent("\n".join(lines)), language="python")

@@ -132,7 +132,12 @@ def evaluate_coco_instances(
         coco_eval.accumulate()
         coco_eval.summarize()
     logger.debug("COCOeval:\n%s", printed.getvalue())
-    out = {key: float(100 * coco_eval.stats[i]) for i, key in enumerate(AP_KEYS)}
+    # COCOeval marks a metric it cannot compute (no ground truth in an area range) with -1;
+    # detectron2's COCOEvaluator reports NaN there, and so does this.
+    out = {
+        key: float(100 * coco_eval.stats[i]) if coco_eval.stats[i] >= 0 else float("nan")
+        for i, key in enumerate(AP_KEYS)
+    }
     if per_class:
         precision = coco_eval.eval["precision"]  # [T iou, R recall, K cat, A area, M max dets]
         for k, cat_id in enumerate(coco_eval.params.catIds):
