@@ -9,7 +9,6 @@ SHAPES := data/shapes
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test test-py test-nb test-book demo bench lint format clean help
