@@ -13,6 +13,7 @@ overrides the choice. The chapters never branch on the device themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -134,3 +135,71 @@ def show_source(obj, *, start: str | None = None, end: str | None = None):
     module = inspect.getmodule(obj).__name__
     header = f"# {module}.{obj.__qualname__}"
     return Code(header + "\n" + textwrap.dedent("\n".join(lines)), language="python")
+
+
+def explorer(draw, **controls):
+    """A live explorer: ``draw(**values)`` returns a matplotlib figure, redrawn when a control moves.
+
+    ``controls`` are ipywidgets (sliders, dropdowns) named as ``draw``'s arguments. The picture is
+    an ``Image`` widget updated through ``observe``: no ``interact`` and no ``Output`` widget, which
+    can hang a notebook executed headless (nbclient). Returns the box to display; it is live on
+    Colab and in Jupyter, so every chapter also draws a static figure of the same thing after it.
+    """
+    import io
+
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    def png() -> bytes:
+        fig = draw(**{name: w.value for name, w in controls.items()})
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buffer.getvalue()
+
+    picture = widgets.Image(value=png(), format="png")
+
+    def update(_change) -> None:
+        picture.value = png()
+
+    for w in controls.values():
+        w.observe(update, names="value")
+    return widgets.VBox([*controls.values(), picture])
+
+
+def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
+    """``shapes_tiny`` trained by the engine, cached: ``(model, cfg, meta)``.
+
+    The first call trains (quick mode: a few hundred iterations, a minute or two on two CPU cores;
+    on a GPU the preset's full budget) and evaluates once at the end; later calls, from any
+    chapter, load the checkpoint from ``ctx.cache_dir``. The cache key is a hash of the config, so
+    a changed recipe (or ``max_iter``) trains again, and an interrupted build resumes. ``model`` is
+    in eval mode on ``ctx.device``; ``meta`` is the dataset's ``DatasetMeta`` (class names,
+    colours); ``cfg.output_dir`` holds ``log.jsonl``, ``loss.png`` and ``model_final.pt``.
+    """
+    import hashlib
+
+    from m2f_lite import checkpoint as ckpt
+    from m2f_lite.config import apply_overrides, get_config
+    from m2f_lite.data.meta import DatasetMeta
+    from m2f_lite.engine import train
+    from m2f_lite.modeling.mask2former import build_model
+
+    full = get_config("shapes_tiny").solver.max_iter
+    steps = max_iter or ctx.budget(quick=300, full=full)
+    cfg = get_config(
+        "shapes_tiny",
+        [f"data.root={ctx.shapes_root}", f"solver.max_iter={steps}", f"solver.eval_period={steps}",
+         f"solver.checkpoint_period={max(steps // 4, 1)}", f"seed={ctx.seed}"],
+    )  # fmt: skip
+    recipe = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "root"}  # the same anywhere
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    cfg = apply_overrides(cfg, {"output_dir": str(ctx.cache_dir / f"shapes_tiny-{key}")})
+    final = Path(cfg.output_dir) / "model_final.pt"
+    if not final.exists():
+        train(cfg, resume=True)
+    state = ckpt.load_checkpoint(final)
+    model = build_model(cfg)
+    ckpt.load_model_state(model, state["model"], source=str(final))
+    return model.to(ctx.device).eval(), cfg, DatasetMeta(**state["meta"])
