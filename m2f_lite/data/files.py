@@ -22,6 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from m2f_lite.metrics.panoptic_format import id2rgb, rgb2id  # the id <-> RGB encoding, defined once
+
+__all__ = ["DatasetError", "id2rgb", "read_image", "read_json", "read_panoptic_png", "rgb2id"]
+
 
 class DatasetError(ValueError):
     """A dataset file is missing, unreadable or inconsistent; the message names file and field."""
@@ -103,20 +107,6 @@ def read_label_png(path: str | Path) -> np.ndarray:
     )
 
 
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """Panoptic segment ids from an RGB-encoded PNG: ``R + 256 G + 256² B``; ``[H, W, 3] -> [H, W]``."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`rgb2id`: ``[H, W]`` ids (< 256³) -> uint8 ``[H, W, 3]``."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError(f"panoptic ids must lie in [0, 256^3), got {ids.min()}..{ids.max()}")
-    return np.stack([ids % 256, ids // 256 % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
-
-
 def read_panoptic_png(path: str | Path) -> np.ndarray:
     """A COCO-format panoptic PNG as int64 segment ids ``[H, W]`` (0 = void)."""
     img = _open(path, "panoptic PNG")
@@ -126,7 +116,7 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
             file=path,
             field="mode",
         )
-    return rgb2id(np.asarray(img.convert("RGB")))
+    return rgb2id(np.asarray(img.convert("RGB"))).astype(np.int64)
 
 
 def read_json(path: str | Path) -> Any:
