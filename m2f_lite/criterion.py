@@ -219,7 +219,7 @@ class SetCriterion(nn.Module):
 
         losses = {}
         for i, prediction in enumerate(predictions):
-            indices = self.matcher(prediction, targets)  # each prediction is matched on its own
+            indices = self.matcher(prediction, targets, validate=False)  # checked above
             suffix = "" if i == 0 else f"_{i - 1}"
             losses[f"loss_ce{suffix}"] = self.loss_labels(
                 prediction["pred_logits"], targets, indices

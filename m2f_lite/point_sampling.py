@@ -77,8 +77,9 @@ def point_sample_binary(masks: Tensor, points: Tensor, rows: Tensor | None = Non
             inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)  # zeros padding
             index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
             if index.dim() == 1:  # shared points: the same P pixels of every mask
-                index = index[None]  # [1, P]
-            value = flat[rows[:, None], index]  # [M, P]: broadcast indexing, masks not copied
+                value = flat.index_select(1, index).index_select(0, rows)  # [M, P]
+            else:  # the sampled masks' rows only (M·HW bools), then each row's own P pixels
+                value = flat.index_select(0, rows).gather(1, index)  # [M, P]
             out = out + value.float() * (weights_x[dx] * weights_y[dy] * inside)
     return out  # [M, P]
 
@@ -119,7 +120,8 @@ def importance_sampled_points(
 
     candidates = uniform_points(num_masks, num_candidates, mask_logits.device)  # [M, 3K, 2]
     scores = uncertainty(point_sample(mask_logits, candidates))[:, 0]  # [M, 3K]
-    top = scores.topk(num_uncertain, dim=1).indices  # [M, 0.75K]
+    # the set of the most uncertain candidates; their order only changes the loss's summation order
+    top = scores.topk(num_uncertain, dim=1, sorted=False).indices  # [M, 0.75K]
     uncertain = candidates.gather(1, top[:, :, None].expand(-1, -1, 2))  # [M, 0.75K, 2]
     if num_random == 0:
         return uncertain

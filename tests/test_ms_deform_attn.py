@@ -1,11 +1,17 @@
-"""Multi-scale deformable attention: the grid_sample reference against a per-point loop, gradcheck,
-and the MSDeformAttn module's official initialisation and sampling."""
+"""Multi-scale deformable attention: the grid_sample reference against a per-point loop, the CPU
+gather path against the reference (values and gradients), gradcheck, and the MSDeformAttn
+module's official initialisation and sampling."""
 
 import math
 
 import torch
 
-from m2f_lite.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
+from m2f_lite.modeling.ms_deform_attn import (
+    MSDeformAttn,
+    ms_deform_attn,
+    ms_deform_attn_gather,
+    ms_deform_attn_reference,
+)
 
 SHAPES = [(3, 4), (2, 3), (1, 2)]
 
@@ -68,14 +74,41 @@ def test_reference_matches_per_point_loop():
     )
 
 
-def test_dispatcher_matches_reference_on_cpu():
-    value, locations, weights = random_inputs(dtype=torch.float32)
+def test_gather_path_matches_the_reference_values_and_gradients():
+    value, locations, weights = random_inputs()
+    # points on pixel centres and edges, on the map border and far outside it
+    locations[0, 0, 0, :, 0] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    locations[0, 1, 0, :, 0] = torch.tensor([0.5, 1 / 3], dtype=torch.float64)
+    locations[1, 2, 1, :, 1] = torch.tensor([-3.0, 5.0], dtype=torch.float64)
+    grad_out = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = {}
+    for fn in (ms_deform_attn_reference, ms_deform_attn_gather):
+        inputs = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+        out = fn(inputs[0], torch.tensor(SHAPES), *inputs[1:])
+        results[fn] = (out.detach(), *torch.autograd.grad(out, inputs, grad_out))
+    expected = naive(value, SHAPES, locations, weights)
+    torch.testing.assert_close(results[ms_deform_attn_gather][0], expected, atol=1e-12, rtol=0)
+    names = ("output", "value gradient", "locations gradient", "weights gradient")
+    for name, a, b in zip(names, results[ms_deform_attn_gather], results[ms_deform_attn_reference]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+    # float32: equal to float rounding
+    value, locations, weights = random_inputs(dtype=torch.float32, seed=2)
     torch.testing.assert_close(
-        ms_deform_attn(value, SHAPES, locations, weights),
+        ms_deform_attn_gather(value, SHAPES, locations, weights),
         ms_deform_attn_reference(value, SHAPES, locations, weights),
-        atol=0,
+        atol=1e-6,
         rtol=0,
     )
+
+
+def test_dispatcher_runs_the_gather_path_on_cpu(monkeypatch):
+    value, locations, weights = random_inputs(dtype=torch.float32)
+    gather = ms_deform_attn_gather(value, SHAPES, locations, weights)
+    reference = ms_deform_attn_reference(value, SHAPES, locations, weights)
+    assert not torch.equal(gather, reference)  # summation order differs: tells the paths apart
+    assert torch.equal(ms_deform_attn(value, SHAPES, locations, weights), gather)
+    monkeypatch.setenv("M2F_MSDA", "reference")
+    assert torch.equal(ms_deform_attn(value, SHAPES, locations, weights), reference)
 
 
 def test_gradcheck():
@@ -83,9 +116,8 @@ def test_gradcheck():
     # keep sampling points away from pixel-grid lines, where bilinear interpolation has kinks
     locations = locations.clamp(0.05, 0.95)
     inputs = tuple(t.clone().requires_grad_(True) for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(
-        lambda v, s, a: ms_deform_attn_reference(v, SHAPES, s, a), inputs
-    )
+    for fn in (ms_deform_attn_reference, ms_deform_attn_gather):
+        assert torch.autograd.gradcheck(lambda v, s, a, fn=fn: fn(v, SHAPES, s, a), inputs)
 
 
 def test_official_initialisation():

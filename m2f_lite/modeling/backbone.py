@@ -22,7 +22,8 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import freeze_batch_norm_2d
+import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 from m2f_lite.modeling.swin import SwinTrunk
@@ -104,6 +105,38 @@ BACKBONES: dict[str, dict[str, Any]] = {
 }
 
 
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """detectron2's ``FrozenBN``: BatchNorm with fixed statistics and affine parameters (buffers).
+
+    ``y = (x - mean) / sqrt(var + eps) · weight + bias``, computed by ``F.batch_norm`` in
+    inference mode: one pass over ``x`` where torchvision's ``x * scale + bias`` makes two (the
+    same numbers on the CPU; ``tests/test_fast_paths.py`` compares them). Gradients flow to ``x``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm2d`` replaced by a :class:`FrozenBatchNorm2d` holding
+    its weight, bias, statistics and eps (in place for children; returns the new root)."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                source = getattr(module, name)
+                if source is not None:
+                    getattr(frozen, name).copy_(source)
+        return frozen
+    for name, child in module.named_children():
+        new = freeze_batch_norm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
 def backbone_family(name: str) -> str:
     """``"resnet"`` or ``"swin"`` for a name in :data:`BACKBONES`."""
     if name not in BACKBONES:
@@ -122,8 +155,11 @@ class Backbone(nn.Module):
             BatchNorm, for training from scratch, e.g. the tiny CPU recipe). Swin ignores it.
         drop_path_rate: stochastic depth of the Swin blocks (``MODEL.SWIN.DROP_PATH_RATE``, 0.3 in
             the official Swin configs), increasing linearly over the blocks; ResNets ignore it.
-        channels_last: run the ResNet convolutions in channels-last memory format (faster on
-            GPUs, same numbers up to float rounding); outputs are NCHW tensors either way.
+        channels_last: feed the ResNet its input in channels-last memory format, which every
+            convolution then keeps (the same numbers up to float rounding; faster: oneDNN and
+            cuDNN convolutions work in it natively, and the pixel decoder reads the maps as
+            ``[B, HW, C]`` without a copy). The weights stay contiguous (safetensors needs
+            that). ``None`` (default): on for ResNets. Outputs have the NCHW shape either way.
 
     Attributes: ``channels`` (from timm's ``feature_info``), ``strides`` = [4, 8, 16, 32],
     ``names`` = ["res2", "res3", "res4", "res5"]. Inputs of any size work: a Swin pads the image
@@ -138,7 +174,7 @@ class Backbone(nn.Module):
         arch: dict[str, Any] | None = None,
         norm: str = "frozen_bn",
         drop_path_rate: float = 0.0,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         if norm not in ("frozen_bn", "bn"):
@@ -147,7 +183,7 @@ class Backbone(nn.Module):
         self.norm = norm
         self.family = backbone_family(name)
         self.arch = dict(arch or {})
-        self.channels_last = channels_last and self.family == "resnet"
+        self.channels_last = channels_last is not False and self.family == "resnet"
         timm_name = BACKBONES[name]["timm"]
         if self.family == "resnet":
             body = timm.create_model(
@@ -161,10 +197,8 @@ class Backbone(nn.Module):
                 **self.arch,
             )
             # frozen: every BatchNorm2d -> FrozenBatchNorm2d (weight, bias, statistics are buffers)
-            self.body = freeze_batch_norm_2d(body) if norm == "frozen_bn" else body
+            self.body = freeze_batch_norm(body) if norm == "frozen_bn" else body
             self.channels: list[int] = list(self.body.feature_info.channels())
-            if self.channels_last:
-                self.body = self.body.to(memory_format=torch.channels_last)
         else:
             self.body = SwinTrunk(
                 timm_name=timm_name, drop_path_rate=drop_path_rate, arch=self.arch
@@ -217,7 +251,7 @@ def build_backbone(
     freeze_at: int = 0,
     norm: str = "frozen_bn",
     drop_path_rate: float = 0.0,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
     **arch_overrides: Any,
 ) -> Backbone:
     """The backbone ``name`` (a key of :data:`BACKBONES`), randomly initialised: never downloads.

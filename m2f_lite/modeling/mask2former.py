@@ -92,8 +92,11 @@ class Mask2Former(nn.Module):
             batch[i, :, :h, :w] = (x.to(batch) - self.pixel_mean) / self.pixel_std
         return batch, sizes
 
-    def forward(self, images: list[Tensor] | Tensor) -> dict:
+    def forward(self, images: list[Tensor] | Tensor, *, aux: bool = True) -> dict:
         """Run the model on raw images (see ``preprocess``).
+
+        ``aux=False`` skips the earlier predictions' masks and classes (``aux_outputs`` is then
+        empty): inference reads only the final prediction, which is the same either way.
 
         Returns a dict:
 
@@ -106,18 +109,18 @@ class Mask2Former(nn.Module):
         * ``padded_size``: ``(Hp, Wp)``, the size the masks refer to.
         """
         x, sizes = self.preprocess(images)
-        outputs = self.forward_features(x)
+        outputs = self.forward_features(x, aux=aux)
         outputs["image_sizes"] = sizes
         outputs["padded_size"] = (int(x.shape[-2]), int(x.shape[-1]))
         return outputs
 
-    def forward_features(self, x: Tensor) -> dict:
+    def forward_features(self, x: Tensor, *, aux: bool = True) -> dict:
         """The network on an already normalised, padded batch ``[B, 3, Hp, Wp]`` (no size bookkeeping)."""
         features = self.backbone(
             x
         )  # {"res2": [B, C2, Hp/4, Wp/4], ..., "res5": [B, C5, Hp/32, Wp/32]}
         mask_features, memory = self.pixel_decoder(features)
-        return self.transformer_decoder(memory, mask_features)
+        return self.transformer_decoder(memory, mask_features, aux=aux)
 
 
 def build_model(cfg: Config, *, backbone: nn.Module | None = None) -> Mask2Former:

@@ -85,7 +85,8 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """``src``, ``pos``: ``[B, S, C]``; ``reference_points``: ``[B, S, L, 2]``. Returns ``[B, S, C]``."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        hidden = F.relu(self.linear1(src), inplace=True)  # [B, S, F], in place: one buffer less
+        return self.norm2(src + self.linear2(hidden))
 
 
 def encoder_reference_points(

@@ -14,7 +14,9 @@ each with a residual connection and LayerNorm (after, or before with ``pre_norm`
 initialisation and after every layer, the prediction heads read the LayerNorm'ed queries: a linear
 class head (K + 1 logits, the last one "no object") and a 3-layer MLP whose output ε_mask is
 multiplied with the per-pixel embeddings: ``mask = ε_mask · ε_pixel`` (logits, stride 4). That gives
-``num_layers + 1`` predictions; all but the last are ``aux_outputs`` (deep supervision).
+``num_layers + 1`` predictions; all but the last are ``aux_outputs`` (deep supervision). The
+attention masks are computed at each memory scale directly and the stride-4 masks once, after the
+loop (same numbers, fewer operations: see ``MultiScaleMaskedTransformerDecoder.forward``).
 
 Attention masks here are True = blocked (``nn.MultiheadAttention``'s convention);
 ``F.scaled_dot_product_attention`` reads a boolean mask the other way round (True = attend).
@@ -28,8 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2f_lite.modeling.mask_head import attention_mask, mask_logits, resize
 from m2f_lite.modeling.pixel_decoder import c2_xavier_fill
 from m2f_lite.modeling.position import PositionEmbeddingSine
+
+__all__ = [
+    "DecoderLayer",
+    "MultiHeadAttention",
+    "MultiScaleMaskedTransformerDecoder",
+    "attention_mask",
+    "mask_logits",
+]
 
 
 class MultiHeadAttention(nn.Module):
@@ -122,7 +133,7 @@ class FFNLayer(nn.Module):
 
     def forward(self, tgt: Tensor) -> Tensor:
         x = self.norm(tgt) if self.pre_norm else tgt
-        out = tgt + self.linear2(F.relu(self.linear1(x)))
+        out = tgt + self.linear2(F.relu(self.linear1(x), inplace=True))
         return out if self.pre_norm else self.norm(out)
 
 
@@ -175,6 +186,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_dim: channels of the per-pixel embeddings (``mask_features``).
         enforce_input_proj: add a 1×1 conv on the memory even when ``in_channels == hidden_dim``.
         masked_attention: False = standard cross-attention over the whole map (the paper's ablation).
+        reference: compute the attention masks as the official code (see ``forward``).
     """
 
     num_scales = 3  # the memory has 3 scales, visited round robin
@@ -193,10 +205,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_dim: int = 256,
         enforce_input_proj: bool = False,
         masked_attention: bool = True,
+        reference: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = nheads
         self.masked_attention = masked_attention
+        self.reference = reference
         self.pe_layer = PositionEmbeddingSine(num_pos_feats=hidden_dim // 2, normalize=True)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -223,22 +237,65 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=mask_dim, num_layers=3
         )
 
-    def forward(self, memory: list[Tensor], mask_features: Tensor) -> dict:
+    def forward(self, memory: list[Tensor], mask_features: Tensor, *, aux: bool = True) -> dict:
         """Decode the queries against the memory.
 
         Args:
             memory: 3 maps ``[B, C_in, H_l, W_l]``, coarsest first (strides 32, 16, 8).
             mask_features: per-pixel embeddings ``[B, mask_dim, H/4, W/4]``.
+            aux: also return the earlier predictions (training needs them; inference does not).
 
         Returns:
             ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4], "aux_outputs": [...]}``,
-            ``aux_outputs`` holding the ``num_layers`` earlier predictions, first to last.
+            ``aux_outputs`` holding the ``num_layers`` earlier predictions, first to last (empty
+            with ``aux=False``).
+
+        The attention mask of layer l needs prediction l - 1's mask at the layer's memory scale
+        only. Bilinear resizing is linear, so resize(ε_mask · ε_pixel) = ε_mask · resize(ε_pixel):
+        the mask logits at each scale come from ``mask_features`` resized once per scale (the
+        same numbers up to float rounding, 4-64x fewer multiply-adds), and the masks at
+        H/4 × W/4 are computed once, after the loop, for the predictions returned.
+        ``reference=True`` computes them as the official code does, resizing each prediction's
+        full-resolution masks (the tests compare the two).
         """
         if len(memory) != self.num_scales:
             raise ValueError(
                 f"memory: expected {self.num_scales} maps (coarsest first), got {len(memory)}"
             )
+        if self.reference:
+            return self._forward_reference(memory, mask_features, aux)
         sizes = [tuple(x.shape[-2:]) for x in memory]
+        srcs, poss, query_pos, output = self._inputs(memory, mask_features.shape[0])
+        # ε_pixel at each memory scale, [B, D, H_l, W_l], for the attention masks
+        resized = (
+            [resize(mask_features.detach(), s) for s in sizes] if self.masked_attention else []
+        )
+        decoded = [self.decoder_norm(output)]  # the LayerNorm'ed queries of each prediction
+        for i, layer in enumerate(self.layers):
+            lvl = i % self.num_scales
+            blocked = None
+            if self.masked_attention:
+                with torch.no_grad():  # the mask M_{l-1} of Eq. 2 carries no gradient
+                    small = torch.einsum(
+                        "bqc,bchw->bqhw", self.mask_embed(decoded[-1]), resized[lvl]
+                    )  # [B, Q, H_l, W_l]
+                blocked = attention_mask(small, sizes[lvl])[:, None]  # [B, 1, Q, HW]
+            output = layer(output, query_pos, srcs[lvl], poss[lvl], blocked)
+            decoded.append(self.decoder_norm(output))
+        decoded = decoded if aux else decoded[-1:]
+        logits = [self.class_embed(d) for d in decoded]  # [B, Q, K+1] each
+        masks = mask_logits([self.mask_embed(d) for d in decoded], mask_features)
+        return {
+            "pred_logits": logits[-1],
+            "pred_masks": masks[-1],
+            "aux_outputs": [
+                {"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])
+            ],
+        }
+
+    def _inputs(self, memory: list[Tensor], B: int) -> tuple[list, list, Tensor, Tensor]:
+        """The memory as token sequences ``[B, HW, C]`` (+ level embedding), their positions, the
+        query positions and the initial queries X_0 ``[B, Q, C]``."""
         srcs, poss = [], []
         for lvl, x in enumerate(memory):
             src = (
@@ -246,11 +303,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             )  # [B, C, HW]
             srcs.append(src.transpose(1, 2))  # [B, HW, C]
             poss.append(self.pe_layer(x).flatten(2).transpose(1, 2))  # [B, HW, C]
-
-        B = mask_features.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # [B, Q, C]
         output = self.query_feat.weight.unsqueeze(0).expand(B, -1, -1)  # [B, Q, C]
+        return srcs, poss, query_pos, output
 
+    def _forward_reference(self, memory: list[Tensor], mask_features: Tensor, aux: bool) -> dict:
+        """``forward`` as the official code: every prediction's masks at H/4 × W/4, resized."""
+        sizes = [tuple(x.shape[-2:]) for x in memory]
+        srcs, poss, query_pos, output = self._inputs(memory, mask_features.shape[0])
         predictions = [self.prediction_heads(output, mask_features)]
         for i, layer in enumerate(self.layers):
             lvl = i % self.num_scales
@@ -259,12 +319,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 blocked = attention_mask(predictions[-1][1], sizes[lvl])[:, None]  # [B, 1, Q, HW]
             output = layer(output, query_pos, srcs[lvl], poss[lvl], blocked)
             predictions.append(self.prediction_heads(output, mask_features))
-
-        aux = [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]]
+        aux_outputs = [{"pred_logits": c, "pred_masks": m} for c, m in predictions[:-1]]
+        logits, masks = predictions[-1]
         return {
-            "pred_logits": predictions[-1][0],
-            "pred_masks": predictions[-1][1],
-            "aux_outputs": aux,
+            "pred_logits": logits,
+            "pred_masks": masks,
+            "aux_outputs": aux_outputs if aux else [],
         }
 
     def prediction_heads(self, output: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
@@ -274,16 +334,3 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_embed = self.mask_embed(decoder_output)  # [B, Q, D]
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)  # [B, Q, H/4, W/4]
         return outputs_class, outputs_mask
-
-
-def attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """The masked-attention mask M of Eq. 2 as a boolean ``[B, Q, h·w]``, True = blocked.
-
-    The mask logits ``[B, Q, H/4, W/4]`` are resized (bilinear, ``align_corners=False``) to the
-    memory scale ``size = (h, w)``; a pixel is blocked where ``sigmoid < 0.5``. No gradient flows
-    through the mask. A query whose row is blocked everywhere is unblocked everywhere (it would
-    otherwise attend to nothing: a softmax over only -inf).
-    """
-    resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    blocked = resized.sigmoid().flatten(2) < 0.5  # [B, Q, h*w]
-    return blocked & ~blocked.all(-1, keepdim=True)
