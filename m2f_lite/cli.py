@@ -8,6 +8,7 @@ work lives in the modules (``m2f_lite.data``, ``m2f_lite.engine``, ...). Errors 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -170,7 +171,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     f.set_defaults(func=_cmd_eval_files)
 
-    b = sub.add_parser("bench", help="speed/memory benchmark (benchmarks/bench_model.py)")
+    b = sub.add_parser(
+        "bench",
+        help="speed/memory benchmark (benchmarks/bench_model.py)",
+        epilog="its own options after --, e.g. m2f-lite bench -- --help",
+    )
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_model.py")
     b.set_defaults(func=_cmd_bench)
 
@@ -187,6 +192,10 @@ def _ensure_shapes(cfg) -> None:
 
     root = Path(cfg.data.root)
     if cfg.data.dataset.startswith("shapes") and not (root / "panoptic_train.json").exists():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # not from several processes at once
+            raise UserError(
+                f"{root}: no shapes dataset; make it first: m2f-lite data synthetic --out {root}"
+            )
         from m2f_lite.book import SHAPES_ARGS
         from m2f_lite.data import synthetic
 
@@ -218,6 +227,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise UserError("give --resume or --resume-from, not both")
     _ensure_shapes(cfg)
     result = train(cfg, resume=args.resume_from or args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, process 0 reports
     if result["interrupted"]:
         print(f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume", file=sys.stderr)  # fmt: skip
         raise SystemExit(128 + result["interrupted"])
@@ -252,12 +263,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if not weights:
             raise UserError(f"{args.model!r} is not a file; for a preset give --weights CHECKPOINT")
         state = ckpt.load_checkpoint(weights)
-    _ensure_shapes(cfg)
     model = build_model(cfg)
     ckpt.load_model_state(model, state["model"], source=weights)
+    _ensure_shapes(cfg)
     import torch
 
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.to("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     _print_metrics(evaluate(cfg, model), args.json)
 
 
@@ -266,6 +277,17 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     from m2f_lite.predictor import Predictor, write_prediction
 
+    if args.device:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise UserError(f"--device {args.device}: {e}") from e
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     predictor = Predictor.from_checkpoint(
         args.weights, device=args.device, overrides=args.overrides
     )
@@ -310,7 +332,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     spec = importlib.util.spec_from_file_location("bench_model", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(args.bench_args)
+    argv = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    module.main(argv)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -330,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch starts OpenMP (libgomp): spin briefly, then sleep, while threads wait for each
+    # other. On a busy CPU a spinning thread burns the time slice its descheduled sibling needs.
+    # Measured, a shapes_tiny step on 2 cores, one of them busy with another program: 4.7 s with
+    # the default spin, 0.48 s with 1000; on idle cores 0.20-0.23 s against 0.23-0.24 s.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     parser = build_parser()
     # train/eval/predict take dotted overrides (`--model.num_queries=50` or `model.num_queries=50`),
     # which argparse does not know: they come back as the unknown arguments.

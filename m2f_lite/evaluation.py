@@ -1,0 +1,134 @@
+"""Evaluation: a model over a dataset, post-processed as the official, scored by the evaluators.
+
+``evaluate(cfg, model)`` runs the model on ``cfg.data.val_split`` at the test size (short side
+``data.min_size_test``, long side at most ``data.max_size_test``), one image at a time as the
+official test loader, turns the outputs into per-image results at the original resolution
+(``m2f_lite.inference``) for the tasks ``cfg.inference`` enables, and scores them with
+``m2f_lite.metrics.evaluators``: PQ (panoptic), mask AP (instance), mIoU (semantic).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from m2f_lite.checkpoint import unwrap
+from m2f_lite.config import Config
+from m2f_lite.data.build import build_dataset, collate
+from m2f_lite.metrics.evaluators import (
+    COCOInstanceEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``solver.amp`` on ``device`` (``None``: fp32). CPUs always run fp32."""
+    if amp not in ("bf16", "fp16", "off"):
+        raise ValueError(f"solver.amp={amp!r}: expected 'bf16', 'fp16' or 'off'")
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        print(
+            "solver.amp=bf16: this GPU has no bf16; using fp16 with a GradScaler", file=sys.stderr
+        )
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+class EvalSamples(torch.utils.data.Dataset):
+    """The test-time samples ``indices`` of ``dataset``, with ``sem_seg`` at the original size (the
+    evaluators compare at ``orig_size``; the test-time resize has resized the stored map)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: range) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.dataset[self.indices[i]]
+        if "sem_seg" in sample and tuple(sample["sem_seg"].shape) != tuple(sample["orig_size"]):
+            sample["sem_seg"] = self.dataset.get(self.indices[i], transform=False)["sem_seg"]
+        return sample
+
+
+def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
+    """The evaluators of ``cfg.inference``'s tasks that ``dataset``'s ground truth allows.
+
+    Panoptic needs the dataset's COCO-panoptic json and PNG folder; instance AP a COCO instances
+    json (for a panoptic dataset, the ``instances_*`` file beside its ``panoptic_*`` json, as COCO
+    and the shapes have); semantic the ``sem_seg`` maps of panoptic and semantic datasets. PQ runs
+    in ``data.num_workers`` processes (0: in this process).
+    """
+    inf, meta = cfg.inference, dataset.meta
+    panoptic_json = getattr(dataset, "panoptic_json", None)
+    instances_json = getattr(dataset, "instances_json", None)
+    if instances_json is None and panoptic_json is not None:
+        beside = Path(panoptic_json).with_name(
+            Path(panoptic_json).name.replace("panoptic_", "instances_", 1)
+        )
+        instances_json = beside if beside.is_file() else None
+    evaluators: list[Any] = []
+    if inf.semantic_on and getattr(dataset, "task", "") in ("semantic", "panoptic"):
+        evaluators.append(SemSegEvaluator(meta))
+    if inf.instance_on and instances_json is not None:
+        evaluators.append(COCOInstanceEvaluator(meta, instances_json))
+    if inf.panoptic_on and panoptic_json is not None:
+        workers = max(1, cfg.data.num_workers)
+        evaluators.append(
+            COCOPanopticEvaluator(meta, panoptic_json, dataset.panoptic_root, num_workers=workers)
+        )
+    if not evaluators:
+        raise ValueError(f"nothing to evaluate: dataset {cfg.data.dataset!r} has no ground truth for the tasks in cfg.inference")  # fmt: skip
+    return DatasetEvaluators(evaluators)
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bool = True) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Run ``model`` over ``dataset`` (default: ``cfg.data.val_split`` at the test size), one image
+    at a time as the official, post-process (``cfg.inference``) and return the evaluators' metrics
+    ``{"panoptic_seg": {"PQ", ...}, "segm": {"AP", ...}, "sem_seg": {"mIoU", ...}}`` in percent.
+
+    Under torch.distributed every process evaluates its share and process 0 gets the metrics
+    (the others ``{}``).
+    """
+    from m2f_lite.inference import postprocess_from_config
+
+    if dataset is None:
+        dataset = build_dataset(cfg, cfg.data.val_split, train=False)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    dtype = autocast_dtype(cfg.solver.amp, device)
+    samples = EvalSamples(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(
+        samples, batch_size=1, collate_fn=collate, num_workers=cfg.data.num_workers
+    )
+    evaluator = build_dataset_evaluator(cfg, dataset)
+    evaluator.reset()
+    was_training = model.training
+    model.eval()
+    for images, targets in tqdm(
+        loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True
+    ):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model([x.to(device) for x in images])
+        outputs = {
+            "pred_logits": outputs["pred_logits"].float(),
+            "pred_masks": outputs["pred_masks"].float(),
+        }
+        results = postprocess_from_config(
+            outputs, [t["image_size"] for t in targets], [t["orig_size"] for t in targets], cfg.inference,
+            dataset.meta,
+        )  # fmt: skip
+        evaluator.process(targets, results)
+    model.train(was_training)
+    return evaluator.evaluate()

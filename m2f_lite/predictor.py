@@ -1,0 +1,203 @@
+"""Predict on real images: any size and format in, the three results out at the original resolution.
+
+>>> predictor = Predictor.from_checkpoint("runs/demo/model_final.pt")     # doctest: +SKIP
+>>> result = predictor("photo.jpg")                                         # doctest: +SKIP
+>>> result["panoptic_seg"][0].shape == result["image"].shape[:2]            # doctest: +SKIP
+True
+
+An image is a path (JPEG, PNG, ...: read with EXIF orientation applied), a PIL image, a numpy
+array ``[H, W]``/``[H, W, 3|4]`` or a tensor ``[3, H, W]`` (0..255, the package's convention).
+Grayscale becomes RGB, an alpha channel is dropped, 16-bit is rescaled (``m2f_lite.data.files``).
+The image is resized as the config's test time says (short side ``data.min_size_test``, long side
+at most ``data.max_size_test``), run through the model, and post-processed as the official
+(``m2f_lite.inference``) for all three tasks, back at the original size:
+
+- ``"sem_seg"``: class scores ``[K, H, W]``;
+- ``"panoptic_seg"``: ``(ids [H, W] int32, segments_info)``, ``category_id`` a contiguous class;
+- ``"instances"``: ``{"masks" [k, H, W] bool, "scores" [k], "labels" [k]}``;
+- ``"image"``: the RGB image ``[H, W, 3]`` uint8 that was predicted (after EXIF rotation).
+
+:func:`write_prediction` saves what ``m2f-lite predict`` writes: an overlay PNG (class names,
+instance outlines) and the raw segmentation in the standard formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from m2f_lite import checkpoint as ckpt
+from m2f_lite.config import Config
+from m2f_lite.data.files import read_image, to_rgb
+from m2f_lite.data.meta import DatasetMeta
+
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def dataset_meta(name: str) -> DatasetMeta:
+    """The class names, thing flags and category ids of a dataset name (``cfg.data.dataset``),
+    for checkpoints that do not carry their own (converted official weights)."""
+    from m2f_lite.data import ade20k, cityscapes, coco_instance, coco_panoptic, synthetic
+    from m2f_lite.data.build import _shapes_meta
+
+    known = {
+        "coco_panoptic": coco_panoptic.coco_panoptic_meta,
+        "coco_instance": coco_instance.coco_instance_meta,
+        "ade20k_semantic": ade20k.ade20k_meta,
+        "ade20k_panoptic": ade20k.ade20k_meta,
+        "cityscapes_semantic": cityscapes.cityscapes_meta,
+        "cityscapes_panoptic": cityscapes.cityscapes_meta,
+        "cityscapes_instance": cityscapes.cityscapes_instance_meta,
+        "shapes": synthetic.shapes_meta,
+        "shapes_semantic": synthetic.shapes_meta,
+        "shapes_instance": lambda: _shapes_meta("instance"),
+    }
+    if name not in known:
+        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")  # fmt: skip
+    return known[name]()
+
+
+def load_rgb(image: Any) -> np.ndarray:
+    """Any supported image (module doc) as uint8 RGB ``[H, W, 3]``."""
+    if isinstance(image, str | os.PathLike):
+        return read_image(image)  # EXIF orientation, modes, clear errors naming the file
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = image.permute(1, 2, 0) if image.ndim == 3 and image.shape[0] in (1, 3, 4) else image
+        image = image.numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image: expected [H, W], [H, W, 3|4] or [3, H, W], got shape {array.shape}"
+        )
+    if array.dtype != np.uint8:
+        array = np.clip(np.round(array.astype(np.float64)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(
+        np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+    )
+
+
+class Predictor:
+    """A model with its config and classes, ready to predict single images (module doc)."""
+
+    def __init__(self, *, model: torch.nn.Module, cfg: Config, meta: DatasetMeta, device: str | torch.device | None = None) -> None:  # fmt: skip
+        from m2f_lite.data.build import build_transforms
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = ckpt.unwrap(model).to(self.device).eval()
+        self.cfg, self.meta = cfg, meta
+        self.resize = build_transforms(cfg.data, train=False)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device | None = None, overrides: list[str] | dict | None = None) -> Predictor:  # fmt: skip
+        """Load ``path`` (an ``m2f-lite train`` or ``convert`` checkpoint); ``overrides`` change
+        test-time fields such as ``inference.object_mask_threshold`` or ``data.min_size_test``."""
+        from m2f_lite.config import apply_overrides
+        from m2f_lite.modeling.mask2former import build_model
+
+        state = ckpt.load_checkpoint(path)
+        cfg = apply_overrides(ckpt.checkpoint_config(state, path), overrides or {})
+        model = build_model(cfg)
+        ckpt.load_model_state(model, state["model"], source=str(path))
+        meta = DatasetMeta(**state["meta"]) if "meta" in state else dataset_meta(cfg.data.dataset)
+        return cls(model=model, cfg=cfg, meta=meta, device=device)
+
+    @torch.no_grad()
+    def __call__(self, image: Any) -> dict[str, Any]:
+        from m2f_lite.inference import postprocess
+
+        rgb = load_rgb(image)
+        h, w = rgb.shape[:2]
+        x = torch.from_numpy(rgb).permute(2, 0, 1).float()  # [3, H, W], 0..255
+        x = self.resize({"image": x}, torch.Generator())["image"]  # [3, h', w'] test-time size
+        outputs = self.model([x.to(self.device)])
+        inf = self.cfg.inference
+        (result,) = postprocess(
+            {"pred_logits": outputs["pred_logits"].float(), "pred_masks": outputs["pred_masks"].float()},
+            [tuple(x.shape[-2:])], [(h, w)], semantic=True, instance=True, panoptic=True,
+            is_thing=self.meta.is_thing, object_mask_threshold=inf.object_mask_threshold,
+            overlap_threshold=inf.overlap_threshold, topk=inf.topk_per_image,
+        )  # fmt: skip
+        return {**result, "image": rgb}
+
+    def draw(
+        self, result: dict[str, Any], task: str, *, score_threshold: float = 0.5
+    ) -> np.ndarray:
+        """The overlay of one task's result on its image (``m2f_lite.viz``), uint8 ``[H, W, 3]``."""
+        from m2f_lite import viz
+
+        image = result["image"]
+        if task == "panoptic":
+            ids, segments = result["panoptic_seg"]
+            return viz.draw_panoptic(image, ids, segments, self.meta)
+        if task == "instance":
+            inst = result["instances"]
+            return viz.draw_instances(image, inst["masks"], inst["labels"], inst["scores"], self.meta, score_threshold=score_threshold)  # fmt: skip
+        if task == "semantic":
+            return viz.draw_semantic(image, result["sem_seg"], self.meta)
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+
+
+def write_prediction(predictor: Predictor, result: dict[str, Any], task: str, out_dir: str | os.PathLike, *, stem: str, image_id: int) -> list[Path]:  # fmt: skip
+    """Write ``<stem>_overlay.png`` and the raw ``task`` result into ``out_dir``; returns the files.
+
+    - panoptic: ``<stem>_panoptic.png`` (COCO panoptic: id = R + 256 G + 256² B) and its entry in
+      ``panoptic.json`` (``annotations`` + ``categories``, dataset category ids);
+    - instance: its entries in ``instances.json`` (COCO results: RLE ``segmentation``, ``score``);
+    - semantic: ``<stem>_semantic.png`` (uint8 contiguous class ids).
+
+    The json files gather all the images written into ``out_dir`` (one entry per ``image_id``).
+    """
+    from m2f_lite.metrics.coco_ap import instances_to_coco_results
+    from m2f_lite.metrics.panoptic_format import panoptic_png_bytes
+
+    out, meta = Path(out_dir), predictor.meta
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{stem}_overlay.png"]
+    Image.fromarray(predictor.draw(result, task)).save(files[0])
+    if task == "panoptic":
+        ids, segments = result["panoptic_seg"]
+        files.append(out / f"{stem}_panoptic.png")
+        ckpt.atomic_write_bytes(files[-1], panoptic_png_bytes(ids.cpu().numpy()))
+        entry = {"image_id": image_id, "file_name": files[-1].name, "segments_info": [
+            {**s, "category_id": int(meta.dataset_ids[s["category_id"]])} for s in segments
+        ]}  # fmt: skip
+        categories = [
+            {"id": int(d), "name": n, "isthing": int(t)}
+            for d, n, t in zip(meta.dataset_ids, meta.classes, meta.is_thing)
+        ]
+        files.append(_merge_json(out / "panoptic.json", [entry], categories=categories))
+    elif task == "instance":
+        entries = instances_to_coco_results(result["instances"], image_id, meta.dataset_ids)
+        files.append(_merge_json(out / "instances.json", entries))
+    elif task == "semantic":
+        files.append(out / f"{stem}_semantic.png")
+        labels = result["sem_seg"].argmax(0).to(torch.uint8).cpu().numpy()  # [H, W]
+        Image.fromarray(labels).save(files[-1])
+    else:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+    return files
+
+
+def _merge_json(path: Path, entries: list[dict], *, categories: list[dict] | None = None) -> Path:
+    """Add ``entries`` to the json at ``path`` (replacing earlier ones of the same ``image_id``)."""
+    new_ids = {e["image_id"] for e in entries}
+    if categories is None:  # a COCO results list
+        old = json.loads(path.read_text()) if path.exists() else []
+        data: Any = [e for e in old if e["image_id"] not in new_ids] + entries
+    else:  # a COCO panoptic file
+        old = json.loads(path.read_text()) if path.exists() else {"annotations": []}
+        annotations = [a for a in old["annotations"] if a["image_id"] not in new_ids] + entries
+        data = {"annotations": annotations, "categories": categories}
+    ckpt.atomic_write_text(path, json.dumps(data))
+    return path
