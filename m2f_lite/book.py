@@ -13,6 +13,7 @@ overrides the choice. The chapters never branch on the device themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -130,7 +131,9 @@ def show_source(obj, *, start: str | None = None, end: str | None = None):
     if end is not None:
         last = next((i for i, line in enumerate(lines[first:], first) if end in line), None)
         if last is None:
-            raise ValueError(f"show_source: no line of {obj.__qualname__} after line {first} contains {end!r}")
+            raise ValueError(
+                f"show_source: no line of {obj.__qualname__} after line {first} contains {end!r}"
+            )
     lines = lines[first : last + 1]
     module = inspect.getmodule(obj).__name__
     header = f"# {module}.{obj.__qualname__}"
@@ -167,10 +170,27 @@ def explorer(draw, **controls):
     return widgets.VBox([*controls.values(), picture])
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on ``lock_file`` (POSIX ``flock``; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent book builds to guard against
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     """``shapes_tiny`` trained by the engine, cached: ``(model, cfg, meta)``.
 
-    The first call trains (quick mode: a few hundred iterations, a minute or two on two CPU cores;
+    The first call trains (quick mode: 1000 iterations, about five minutes on two CPU cores;
     on a GPU the preset's full budget) and evaluates once at the end; later calls, from any
     chapter, load the checkpoint from ``ctx.cache_dir``. The cache key is a hash of the config, so
     a changed recipe (or ``max_iter``) trains again, and an interrupted build resumes. ``model`` is
@@ -186,7 +206,7 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     from m2f_lite.modeling.mask2former import build_model
 
     full = get_config("shapes_tiny").solver.max_iter
-    steps = max_iter or ctx.budget(quick=300, full=full)
+    steps = max_iter or ctx.budget(quick=1000, full=full)
     cfg = get_config(
         "shapes_tiny",
         [f"data.root={ctx.shapes_root}", f"solver.max_iter={steps}", f"solver.eval_period={steps}",
@@ -197,8 +217,9 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     cfg = apply_overrides(cfg, {"output_dir": str(ctx.cache_dir / f"shapes_tiny-{key}")})
     final = Path(cfg.output_dir) / "model_final.pt"
-    if not final.exists():
-        train(cfg, resume=True)
+    with _exclusive(Path(f"{cfg.output_dir}.lock")):  # parallel notebook runs train it only once
+        if not final.exists():
+            train(cfg, resume=True)
     state = ckpt.load_checkpoint(final)
     model = build_model(cfg)
     ckpt.load_model_state(model, state["model"], source=str(final))

@@ -138,9 +138,12 @@ def forward_backward(
     return terms, data_time
 
 
-def train(cfg: Config, *, resume: bool | str | os.PathLike = False) -> dict[str, Any]:
+def train(
+    cfg: Config, *, resume: bool | str | os.PathLike = False, progress: bool = True
+) -> dict[str, Any]:
     """Train ``cfg`` (module doc). ``resume``: ``True`` continues from the newest checkpoint in
     ``cfg.output_dir`` (or starts if there is none), a path continues from that file.
+    ``progress=False`` hides the progress bars (the JSONL log is written either way).
 
     Returns ``{"iteration", "checkpoint", "metrics", "skipped_steps", "interrupted", "seconds"}``.
     """
@@ -211,7 +214,7 @@ def train(cfg: Config, *, resume: bool | str | os.PathLike = False) -> dict[str,
 
     def run_eval(iteration: int) -> dict[str, dict[str, float]]:
         rng = ckpt.rng_state()  # evaluating must not change the training's random stream
-        metrics = evaluate(cfg, model, progress=rt.main)
+        metrics = evaluate(cfg, model, progress=rt.main and progress)
         ckpt.set_rng_state(rng)
         if rt.main:
             log.append({"iteration": iteration, "eval": headline(metrics), "metrics": metrics})
@@ -222,7 +225,7 @@ def train(cfg: Config, *, resume: bool | str | os.PathLike = False) -> dict[str,
 
     head = next((g for g in optimizer.param_groups if g.get("name") == "head"), optimizer.param_groups[0])  # fmt: skip
     batches, window, skipped, metrics, saved, iteration = iter(loader), [], 0, {}, path, start_iter
-    bar = tqdm(total=s.max_iter, initial=start_iter, disable=not rt.main, dynamic_ncols=True, desc=cfg.name)  # fmt: skip
+    bar = tqdm(total=s.max_iter, initial=start_iter, disable=not (rt.main and progress), dynamic_ncols=True, desc=cfg.name)  # fmt: skip
     model.train()
     with StopOnSignal() as stop:
         # `iteration` counts the optimizer steps done, this one included

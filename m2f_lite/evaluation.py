@@ -21,12 +21,7 @@ from tqdm.auto import tqdm
 from m2f_lite.checkpoint import unwrap
 from m2f_lite.config import Config
 from m2f_lite.data.build import build_dataset, collate
-from m2f_lite.metrics.evaluators import (
-    COCOInstanceEvaluator,
-    COCOPanopticEvaluator,
-    DatasetEvaluators,
-    SemSegEvaluator,
-)
+from m2f_lite.metrics.evaluators import DatasetEvaluators, build_evaluator
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -76,19 +71,21 @@ def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
             Path(panoptic_json).name.replace("panoptic_", "instances_", 1)
         )
         instances_json = beside if beside.is_file() else None
-    evaluators: list[Any] = []
-    if inf.semantic_on and getattr(dataset, "task", "") in ("semantic", "panoptic"):
-        evaluators.append(SemSegEvaluator(meta))
-    if inf.instance_on and instances_json is not None:
-        evaluators.append(COCOInstanceEvaluator(meta, instances_json))
-    if inf.panoptic_on and panoptic_json is not None:
-        workers = max(1, cfg.data.num_workers)
-        evaluators.append(
-            COCOPanopticEvaluator(meta, panoptic_json, dataset.panoptic_root, num_workers=workers)
-        )
-    if not evaluators:
+    tasks = {
+        "semantic": inf.semantic_on and getattr(dataset, "task", "") in ("semantic", "panoptic"),
+        "instance": inf.instance_on and instances_json is not None,
+        "panoptic": inf.panoptic_on and panoptic_json is not None,
+    }
+    if not any(tasks.values()):
         raise ValueError(f"nothing to evaluate: dataset {cfg.data.dataset!r} has no ground truth for the tasks in cfg.inference")  # fmt: skip
-    return DatasetEvaluators(evaluators)
+    return build_evaluator(
+        meta,
+        **tasks,
+        instances_json=instances_json,
+        panoptic_json=panoptic_json,
+        panoptic_folder=getattr(dataset, "panoptic_root", None),
+        num_workers=max(1, cfg.data.num_workers),
+    )
 
 
 @torch.no_grad()

@@ -34,33 +34,11 @@ from PIL import Image, ImageOps
 
 from m2f_lite import checkpoint as ckpt
 from m2f_lite.config import Config
+from m2f_lite.data.build import dataset_meta
 from m2f_lite.data.files import read_image, to_rgb
 from m2f_lite.data.meta import DatasetMeta
 
 TASKS = ("panoptic", "instance", "semantic")
-
-
-def dataset_meta(name: str) -> DatasetMeta:
-    """The class names, thing flags and category ids of a dataset name (``cfg.data.dataset``),
-    for checkpoints that do not carry their own (converted official weights)."""
-    from m2f_lite.data import ade20k, cityscapes, coco_instance, coco_panoptic, synthetic
-    from m2f_lite.data.build import _shapes_meta
-
-    known = {
-        "coco_panoptic": coco_panoptic.coco_panoptic_meta,
-        "coco_instance": coco_instance.coco_instance_meta,
-        "ade20k_semantic": ade20k.ade20k_meta,
-        "ade20k_panoptic": ade20k.ade20k_meta,
-        "cityscapes_semantic": cityscapes.cityscapes_meta,
-        "cityscapes_panoptic": cityscapes.cityscapes_meta,
-        "cityscapes_instance": cityscapes.cityscapes_instance_meta,
-        "shapes": synthetic.shapes_meta,
-        "shapes_semantic": synthetic.shapes_meta,
-        "shapes_instance": lambda: _shapes_meta("instance"),
-    }
-    if name not in known:
-        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")  # fmt: skip
-    return known[name]()
 
 
 def load_rgb(image: Any) -> np.ndarray:

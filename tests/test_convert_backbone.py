@@ -282,3 +282,19 @@ def test_backbone_name_from_hf_config():
         )
     with pytest.raises(ValueError, match="out_features"):
         backbone_name_from_hf_config(SwinConfig(out_features=["stage4"]))
+
+
+def test_load_pretrained_into_trainable_batchnorm(tmp_path):
+    """A from-scratch backbone (norm="bn") takes detectron2 weights, which carry no BN counters."""
+    x = torch.randn(1, 3, 40, 56)
+    source = random_backbone("resnet50", seed=3)
+    official = {
+        k: v.numpy()
+        for k, v in timm_to_detectron2_backbone(source.state_dict(), "resnet50").items()
+    }
+    with (tmp_path / "R-50.pkl").open("wb") as f:
+        pickle.dump({"model": official}, f)
+    target = build_backbone("resnet50", norm="bn", **TINY["resnet50"]).eval()
+    load_pretrained_backbone(target, str(tmp_path / "R-50.pkl"))
+    for a, b in zip(_outputs(source, x), _outputs(target, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -185,6 +185,28 @@ def _shapes_meta(task: str) -> DatasetMeta:
     )
 
 
+def dataset_meta(name: str) -> DatasetMeta:
+    """The class names, thing flags and category ids of a dataset name (``cfg.data.dataset``),
+    for checkpoints that do not carry their own (converted official weights)."""
+    from m2f_lite.data import ade20k, cityscapes, coco_instance, coco_panoptic, synthetic
+
+    known = {
+        "coco_panoptic": coco_panoptic.coco_panoptic_meta,
+        "coco_instance": coco_instance.coco_instance_meta,
+        "ade20k_semantic": ade20k.ade20k_meta,
+        "ade20k_panoptic": ade20k.ade20k_meta,
+        "cityscapes_semantic": cityscapes.cityscapes_meta,
+        "cityscapes_panoptic": cityscapes.cityscapes_meta,
+        "cityscapes_instance": cityscapes.cityscapes_instance_meta,
+        "shapes": synthetic.shapes_meta,
+        "shapes_semantic": synthetic.shapes_meta,
+        "shapes_instance": lambda: _shapes_meta("instance"),
+    }
+    if name not in known:
+        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")  # fmt: skip
+    return known[name]()
+
+
 def collate(batch: list[dict]) -> tuple[list[torch.Tensor], list[dict]]:
     """``(images, targets)``: the ``[3, H, W]`` images (sizes may differ; the model pads) and one
     dict per image with everything else (``labels``, ``masks``, ``image_id``, sizes, ...)."""

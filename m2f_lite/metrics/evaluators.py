@@ -275,8 +275,10 @@ def build_evaluator(
     panoptic_json: str | os.PathLike | None = None,
     panoptic_folder: str | os.PathLike | None = None,
     processed_only: bool = False,
+    num_workers: int | None = None,
 ) -> DatasetEvaluators:
-    """The evaluators of the enabled tasks; a task whose ground truth file is not given is an error."""
+    """The evaluators of the enabled tasks; a task whose ground truth file is not given is an error.
+    ``num_workers``: processes for PQ (default: the CPU count)."""
     evaluators: list[Any] = []
     if semantic:
         evaluators.append(SemSegEvaluator(meta))
@@ -293,7 +295,11 @@ def build_evaluator(
             raise ValueError("panoptic evaluation needs panoptic_json and panoptic_folder")
         evaluators.append(
             COCOPanopticEvaluator(
-                meta, panoptic_json, panoptic_folder, processed_only=processed_only
+                meta,
+                panoptic_json,
+                panoptic_folder,
+                processed_only=processed_only,
+                num_workers=num_workers,
             )
         )
     return DatasetEvaluators(evaluators)

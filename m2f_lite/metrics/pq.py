@@ -300,7 +300,8 @@ def pq_compute(
     if workers == 1:
         per_chunk = [_evaluate_chunk(*a) for a in args]
     else:
-        with multiprocessing.Pool(processes=workers) as pool:
+        # "spawn": forking a process whose torch already started threads can deadlock the child
+        with multiprocessing.get_context("spawn").Pool(processes=workers) as pool:
             per_chunk = pool.starmap(_evaluate_chunk, args)
 
     total = PQStat()

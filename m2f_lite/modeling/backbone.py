@@ -298,6 +298,8 @@ def load_pretrained_backbone(backbone: Backbone, path: str) -> None:
     own = backbone.state_dict()
     output_norms = {f"body.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
     optional = output_norms if backbone.family == "swin" else set()
+    # trainable BatchNorms count their updates; ImageNet and detectron2 files need not carry that
+    optional |= {k for k in own if k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     mismatched = [
