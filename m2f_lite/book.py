@@ -209,9 +209,14 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     steps = max_iter or ctx.budget(quick=1000, full=full)
     cfg = get_config(
         "shapes_tiny",
-        [f"data.root={ctx.shapes_root}", f"solver.max_iter={steps}", f"solver.eval_period={steps}",
-         f"solver.checkpoint_period={max(steps // 4, 1)}", f"seed={ctx.seed}"],
-    )  # fmt: skip
+        [
+            f"data.root={ctx.shapes_root}",
+            f"solver.max_iter={steps}",
+            f"solver.eval_period={steps}",
+            f"solver.checkpoint_period={max(steps // 4, 1)}",
+            f"seed={ctx.seed}",
+        ],
+    )
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "root"}  # the same anywhere
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 
 class UserError(Exception):
@@ -102,10 +103,13 @@ OVERRIDES_HELP = "dotted config overrides, e.g. --model.num_queries=50 or solver
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
+    from m2f_lite.presets import PRESETS  # plain dicts: cheap to import
+
     t = sub.add_parser(
         "train",
         help="train a preset (torchrun --nproc_per_node=N -m m2f_lite.cli train ... for DDP)",
-        epilog=OVERRIDES_HELP,
+        epilog=textwrap.fill("presets: " + ", ".join(PRESETS), 88) + f"\n\n{OVERRIDES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("preset", help="a preset name (m2f_lite.config.PRESETS), e.g. shapes_tiny")
     t.add_argument(
@@ -230,12 +234,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, process 0 reports
     if result["interrupted"]:
-        print(f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume", file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + result["interrupted"])
     if result["metrics"]:
         _print_metrics(result["metrics"])
         summary = ", ".join(f"{k} {v:.1f}" for k, v in headline(result["metrics"]).items())
-        print(f"{cfg.name}: {summary} after {result['iteration']} iterations, {result['seconds'] / 60:.1f} min")  # fmt: skip
+        print(
+            f"{cfg.name}: {summary} after {result['iteration']} iterations, {result['seconds'] / 60:.1f} min"
+        )
     print(f"checkpoint: {result['checkpoint']}")
 
 
@@ -295,7 +304,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image}: no such file")
         result = predictor(image)
-        files = write_prediction(predictor, result, args.task, args.out, stem=Path(image).stem, image_id=image_id)  # fmt: skip
+        files = write_prediction(
+            predictor, result, args.task, args.out, stem=Path(image).stem, image_id=image_id
+        )
         print(f"{image}: " + ", ".join(str(f) for f in files))
 
 
@@ -311,14 +322,21 @@ def _cmd_eval_files(args: argparse.Namespace) -> None:
     from m2f_lite.metrics import eval_files
 
     if args.eval_task == "panoptic":
-        metrics = eval_files.evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)  # fmt: skip
+        metrics = eval_files.evaluate_panoptic_files(
+            args.gt_json, args.gt_dir, args.pred_json, args.pred_dir
+        )
     elif args.eval_task == "instance":
         metrics = eval_files.evaluate_instance_files(args.gt_json, args.results)
     else:
         metrics = eval_files.evaluate_semantic_files(
-            args.gt_dir, args.pred_dir, num_classes=args.num_classes, ignore_label=args.ignore_label,
-            gt_suffix=args.gt_suffix, pred_suffix=args.pred_suffix, reduce_zero_label=args.reduce_zero_label,
-        )  # fmt: skip
+            args.gt_dir,
+            args.pred_dir,
+            num_classes=args.num_classes,
+            ignore_label=args.ignore_label,
+            gt_suffix=args.gt_suffix,
+            pred_suffix=args.pred_suffix,
+            reduce_zero_label=args.reduce_zero_label,
+        )
     _print_metrics(metrics)
 
 
@@ -328,7 +346,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
     if not script.is_file():
-        raise UserError(f"{script} not found: `m2f-lite bench` runs the repository's benchmarks/bench_model.py (clone the repository)")  # fmt: skip
+        raise UserError(
+            f"{script} not found: `m2f-lite bench` runs the repository's benchmarks/bench_model.py (clone the repository)"
+        )
     spec = importlib.util.spec_from_file_location("bench_model", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -92,7 +92,10 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
         name = signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, then saving a checkpoint (again: quit without saving)", file=sys.stderr)  # fmt: skip
+        print(
+            f"\n{name}: finishing this step, then saving a checkpoint (again: quit without saving)",
+            file=sys.stderr,
+        )
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -126,7 +129,9 @@ def forward_backward(
         targets = [{k: y[k].to(rt.device) for k in ("labels", "masks")} for y in targets]
         last = micro == grad_accum - 1
         with ddp.no_sync() if rt.distributed and not last else nullcontext():
-            with torch.autocast(rt.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):  # fmt: skip
+            with torch.autocast(
+                rt.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
                 outputs = ddp(images)
                 # the model pads its input; targets are padded the same way (bottom, right)
                 losses = criterion(outputs, pad_target_masks(targets, outputs["padded_size"]))
@@ -184,18 +189,31 @@ def train(
         if len(state["rng"]) == rt.world_size:
             ckpt.set_rng_state(state["rng"][rt.rank])
         elif rt.main:
-            print(f"{path}: saved by {len(state['rng'])} processes, resumed by {rt.world_size}: fresh random states", file=sys.stderr)  # fmt: skip
+            print(
+                f"{path}: saved by {len(state['rng'])} processes, resumed by {rt.world_size}: fresh random states",
+                file=sys.stderr,
+            )
     scheduler = build_lr_scheduler(cfg, optimizer, last_iter=start_iter - 1)
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if rt.distributed else model  # fmt: skip
+    ddp = (
+        nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if rt.distributed
+        else model
+    )
 
     train_set = build_dataset(cfg, cfg.data.train_split, train=True)
     loader = build_train_loader(
-        train_set, global_batch=s.ims_per_batch,
-        collate_fn=collate, world_size=rt.world_size, rank=rt.rank, grad_accum=s.grad_accum,
-        seed=cfg.seed, start_iter=start_iter, num_workers=cfg.data.num_workers,
+        train_set,
+        global_batch=s.ims_per_batch,
+        collate_fn=collate,
+        world_size=rt.world_size,
+        rank=rt.rank,
+        grad_accum=s.grad_accum,
+        seed=cfg.seed,
+        start_iter=start_iter,
+        num_workers=cfg.data.num_workers,
         pin_memory=rt.device.type == "cuda",
-    )  # fmt: skip
+    )
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(out / "config.json", cfg.to_json())
@@ -205,11 +223,16 @@ def train(
         rngs = gather_objects(ckpt.rng_state(), rt)  # collective: every process calls save
         if rt.main:
             ckpt.save_checkpoint(
-                out / name, model=model, config=cfg, iteration=iteration, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler if scaler.is_enabled() else None,
+                out / name,
+                model=model,
+                config=cfg,
+                iteration=iteration,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler if scaler.is_enabled() else None,
                 sampler=loader.batch_sampler.state(iteration),
                 extra={"rng": rngs, "meta": dataclasses.asdict(train_set.meta)},
-            )  # fmt: skip
+            )
         return out / name
 
     def run_eval(iteration: int) -> dict[str, dict[str, float]]:
@@ -223,18 +246,30 @@ def train(
             tqdm.write(f"iteration {iteration}: {summary}")
         return metrics
 
-    head = next((g for g in optimizer.param_groups if g.get("name") == "head"), optimizer.param_groups[0])  # fmt: skip
+    head = next(
+        (g for g in optimizer.param_groups if g.get("name") == "head"), optimizer.param_groups[0]
+    )
     batches, window, skipped, metrics, saved, iteration = iter(loader), [], 0, {}, path, start_iter
-    bar = tqdm(total=s.max_iter, initial=start_iter, disable=not (rt.main and progress), dynamic_ncols=True, desc=cfg.name)  # fmt: skip
+    bar = tqdm(
+        total=s.max_iter,
+        initial=start_iter,
+        disable=not (rt.main and progress),
+        dynamic_ncols=True,
+        desc=cfg.name,
+    )
     model.train()
     with StopOnSignal() as stop:
         # `iteration` counts the optimizer steps done, this one included
         for iteration in range(start_iter + 1, s.max_iter + 1):
             t0 = time.perf_counter()
             try:
-                terms, data_time = forward_backward(ddp, criterion, batches, scaler, rt=rt, dtype=dtype, grad_accum=s.grad_accum)  # fmt: skip
+                terms, data_time = forward_backward(
+                    ddp, criterion, batches, scaler, rt=rt, dtype=dtype, grad_accum=s.grad_accum
+                )
                 scaler.unscale_(optimizer)  # a no-op without fp16; clipping sees true gradients
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_value or math.inf))  # fmt: skip
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_value or math.inf)
+                )
             except torch.OutOfMemoryError:
                 print(f"m2f-lite: iteration {iteration}: {OOM_ADVICE}", file=sys.stderr)
                 raise
@@ -243,9 +278,14 @@ def train(
             if any_process(not math.isfinite(terms["loss"]) or bad_grad, rt):
                 what = f"non-finite loss ({terms['loss']}) or gradient norm ({grad_norm})"
                 if s.nonfinite_loss == "stop":
-                    raise FloatingPointError(f"iteration {iteration}: {what}; stopping (solver.nonfinite_loss=stop), the last checkpoint is in {out}")  # fmt: skip
+                    raise FloatingPointError(
+                        f"iteration {iteration}: {what}; stopping (solver.nonfinite_loss=stop), the last checkpoint is in {out}"
+                    )
                 skipped += 1
-                tqdm.write(f"iteration {iteration}: {what}; step skipped ({skipped} so far)", file=sys.stderr)  # fmt: skip
+                tqdm.write(
+                    f"iteration {iteration}: {what}; step skipped ({skipped} so far)",
+                    file=sys.stderr,
+                )
                 if scaler.is_enabled():
                     scaler.update()
             else:
@@ -254,12 +294,27 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
-            window.append({**terms, "time": time.perf_counter() - t0, "data_time": data_time, "grad_norm": grad_norm})  # fmt: skip
+            window.append(
+                {
+                    **terms,
+                    "time": time.perf_counter() - t0,
+                    "data_time": data_time,
+                    "grad_norm": grad_norm,
+                }
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{head['lr']:.2e}", refresh=False)
             if iteration % s.log_period == 0 or iteration == s.max_iter:
                 means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                log.append({"iteration": iteration, **means, "lr": head["lr"], "memory_mb": peak_memory_mb(rt.device), "skipped": skipped})  # fmt: skip
+                log.append(
+                    {
+                        "iteration": iteration,
+                        **means,
+                        "lr": head["lr"],
+                        "memory_mb": peak_memory_mb(rt.device),
+                        "skipped": skipped,
+                    }
+                )
                 window = []
             if iteration == s.max_iter:
                 break  # the final checkpoint and evaluation follow

@@ -77,7 +77,9 @@ def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
         "panoptic": inf.panoptic_on and panoptic_json is not None,
     }
     if not any(tasks.values()):
-        raise ValueError(f"nothing to evaluate: dataset {cfg.data.dataset!r} has no ground truth for the tasks in cfg.inference")  # fmt: skip
+        raise ValueError(
+            f"nothing to evaluate: dataset {cfg.data.dataset!r} has no ground truth for the tasks in cfg.inference"
+        )
     return build_evaluator(
         meta,
         **tasks,
@@ -89,7 +91,9 @@ def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bool = True) -> dict[str, dict[str, float]]:  # fmt: skip
+def evaluate(
+    cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bool = True
+) -> dict[str, dict[str, float]]:
     """Run ``model`` over ``dataset`` (default: ``cfg.data.val_split`` at the test size), one image
     at a time as the official, post-process (``cfg.inference``) and return the evaluators' metrics
     ``{"panoptic_seg": {"PQ", ...}, "segm": {"AP", ...}, "sem_seg": {"mIoU", ...}}`` in percent.
@@ -123,9 +127,12 @@ def evaluate(cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bo
             "pred_masks": outputs["pred_masks"].float(),
         }
         results = postprocess_from_config(
-            outputs, [t["image_size"] for t in targets], [t["orig_size"] for t in targets], cfg.inference,
+            outputs,
+            [t["image_size"] for t in targets],
+            [t["orig_size"] for t in targets],
+            cfg.inference,
             dataset.meta,
-        )  # fmt: skip
+        )
         evaluator.process(targets, results)
     model.train(was_training)
     return evaluator.evaluate()

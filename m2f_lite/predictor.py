@@ -68,7 +68,14 @@ def load_rgb(image: Any) -> np.ndarray:
 class Predictor:
     """A model with its config and classes, ready to predict single images (module doc)."""
 
-    def __init__(self, *, model: torch.nn.Module, cfg: Config, meta: DatasetMeta, device: str | torch.device | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        cfg: Config,
+        meta: DatasetMeta,
+        device: str | torch.device | None = None,
+    ) -> None:
         from m2f_lite.data.build import build_transforms
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -77,7 +84,13 @@ class Predictor:
         self.resize = build_transforms(cfg.data, train=False)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device | None = None, overrides: list[str] | dict | None = None) -> Predictor:  # fmt: skip
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        overrides: list[str] | dict | None = None,
+    ) -> Predictor:
         """Load ``path`` (an ``m2f-lite train`` or ``convert`` checkpoint); ``overrides`` change
         test-time fields such as ``inference.object_mask_threshold`` or ``data.min_size_test``."""
         from m2f_lite.config import apply_overrides
@@ -101,11 +114,20 @@ class Predictor:
         outputs = self.model([x.to(self.device)])
         inf = self.cfg.inference
         (result,) = postprocess(
-            {"pred_logits": outputs["pred_logits"].float(), "pred_masks": outputs["pred_masks"].float()},
-            [tuple(x.shape[-2:])], [(h, w)], semantic=True, instance=True, panoptic=True,
-            is_thing=self.meta.is_thing, object_mask_threshold=inf.object_mask_threshold,
-            overlap_threshold=inf.overlap_threshold, topk=inf.topk_per_image,
-        )  # fmt: skip
+            {
+                "pred_logits": outputs["pred_logits"].float(),
+                "pred_masks": outputs["pred_masks"].float(),
+            },
+            [tuple(x.shape[-2:])],
+            [(h, w)],
+            semantic=True,
+            instance=True,
+            panoptic=True,
+            is_thing=self.meta.is_thing,
+            object_mask_threshold=inf.object_mask_threshold,
+            overlap_threshold=inf.overlap_threshold,
+            topk=inf.topk_per_image,
+        )
         return {**result, "image": rgb}
 
     def draw(
@@ -120,13 +142,28 @@ class Predictor:
             return viz.draw_panoptic(image, ids, segments, self.meta)
         if task == "instance":
             inst = result["instances"]
-            return viz.draw_instances(image, inst["masks"], inst["labels"], inst["scores"], self.meta, score_threshold=score_threshold)  # fmt: skip
+            return viz.draw_instances(
+                image,
+                inst["masks"],
+                inst["labels"],
+                inst["scores"],
+                self.meta,
+                score_threshold=score_threshold,
+            )
         if task == "semantic":
             return viz.draw_semantic(image, result["sem_seg"], self.meta)
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
 
 
-def write_prediction(predictor: Predictor, result: dict[str, Any], task: str, out_dir: str | os.PathLike, *, stem: str, image_id: int) -> list[Path]:  # fmt: skip
+def write_prediction(
+    predictor: Predictor,
+    result: dict[str, Any],
+    task: str,
+    out_dir: str | os.PathLike,
+    *,
+    stem: str,
+    image_id: int,
+) -> list[Path]:
     """Write ``<stem>_overlay.png`` and the raw ``task`` result into ``out_dir``; returns the files.
 
     - panoptic: ``<stem>_panoptic.png`` (COCO panoptic: id = R + 256 G + 256² B) and its entry in
@@ -147,9 +184,13 @@ def write_prediction(predictor: Predictor, result: dict[str, Any], task: str, ou
         ids, segments = result["panoptic_seg"]
         files.append(out / f"{stem}_panoptic.png")
         ckpt.atomic_write_bytes(files[-1], panoptic_png_bytes(ids.cpu().numpy()))
-        entry = {"image_id": image_id, "file_name": files[-1].name, "segments_info": [
-            {**s, "category_id": int(meta.dataset_ids[s["category_id"]])} for s in segments
-        ]}  # fmt: skip
+        entry = {
+            "image_id": image_id,
+            "file_name": files[-1].name,
+            "segments_info": [
+                {**s, "category_id": int(meta.dataset_ids[s["category_id"]])} for s in segments
+            ],
+        }
         categories = [
             {"id": int(d), "name": n, "isthing": int(t)}
             for d, n, t in zip(meta.dataset_ids, meta.classes, meta.is_thing)

@@ -203,7 +203,7 @@ def dataset_meta(name: str) -> DatasetMeta:
         "shapes_instance": lambda: _shapes_meta("instance"),
     }
     if name not in known:
-        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")  # fmt: skip
+        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")
     return known[name]()
 
 

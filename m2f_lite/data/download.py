@@ -60,13 +60,13 @@ SOURCES: dict[str, tuple[str, list[Remote]]] = {  # name -> (folder under --root
         Remote("ADEChallengeData2016.zip", "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
                "7328b3957e407ddae1d3cbf487f149ef", "ADEChallengeData2016/images"),
     ]),
-}  # fmt: skip
+}
 
 CITYSCAPES = [  # (archive, download page): a free account at cityscapes-dataset.com is required
     Remote("gtFine_trainvaltest.zip", "https://www.cityscapes-dataset.com/file-handling/?packageID=1", None, "gtFine"),
     Remote("leftImg8bit_trainvaltest.zip", "https://www.cityscapes-dataset.com/file-handling/?packageID=3", None,
            "leftImg8bit"),
-]  # fmt: skip
+]
 
 CITYSCAPES_STEPS = """Cityscapes needs a (free) account, so m2f-lite cannot download it for you:
   1. register at https://www.cityscapes-dataset.com/register/ and log in;
