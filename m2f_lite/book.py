@@ -192,10 +192,31 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
 
     The first call trains (quick mode: 1000 iterations, about five minutes on two CPU cores;
     on a GPU the preset's full budget) and evaluates once at the end; later calls, from any
-    chapter, load the checkpoint from ``ctx.cache_dir``. The cache key is a hash of the config, so
-    a changed recipe (or ``max_iter``) trains again, and an interrupted build resumes. ``model`` is
-    in eval mode on ``ctx.device``; ``meta`` is the dataset's ``DatasetMeta`` (class names,
-    colours); ``cfg.output_dir`` holds ``log.jsonl``, ``loss.png`` and ``model_final.pt``.
+    chapter, load the checkpoint from ``ctx.cache_dir``. ``model`` is in eval mode on
+    ``ctx.device``; ``meta`` is the dataset's ``DatasetMeta`` (class names, colours);
+    ``cfg.output_dir`` holds ``log.jsonl``, ``loss.png`` and ``model_final.pt``.
+    """
+    from m2f_lite.config import get_config
+
+    full = get_config("shapes_tiny").solver.max_iter
+    return train_cached(ctx, max_iter=max_iter or ctx.budget(quick=1000, full=full))
+
+
+def train_cached(
+    ctx: BookContext,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    preset: str = "shapes_tiny",
+    max_iter: int,
+    eval_period: int | None = None,
+):
+    """Train ``preset`` with ``overrides`` on the shapes dataset once, cached: ``(model, cfg, meta)``.
+
+    The cache key is a hash of the whole recipe (preset, overrides, ``max_iter``, seed), so a changed
+    recipe trains again, an unchanged one loads ``model_final.pt`` from ``ctx.cache_dir``, and an
+    interrupted run resumes from its last checkpoint. Evaluation runs every ``eval_period``
+    iterations (default: once, at the end); its records are in ``cfg.output_dir/log.jsonl``.
+    A lock makes parallel notebook runs (nbval with several workers) train each recipe only once.
     """
     import hashlib
 
@@ -205,22 +226,21 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     from m2f_lite.engine import train
     from m2f_lite.modeling.mask2former import build_model
 
-    full = get_config("shapes_tiny").solver.max_iter
-    steps = max_iter or ctx.budget(quick=1000, full=full)
     cfg = get_config(
-        "shapes_tiny",
+        preset,
         [
             f"data.root={ctx.shapes_root}",
-            f"solver.max_iter={steps}",
-            f"solver.eval_period={steps}",
-            f"solver.checkpoint_period={max(steps // 4, 1)}",
+            f"solver.max_iter={max_iter}",
+            f"solver.eval_period={eval_period or max_iter}",
+            f"solver.checkpoint_period={max(max_iter // 4, 1)}",
             f"seed={ctx.seed}",
+            *overrides,
         ],
     )
     recipe = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
     recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "root"}  # the same anywhere
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    cfg = apply_overrides(cfg, {"output_dir": str(ctx.cache_dir / f"shapes_tiny-{key}")})
+    cfg = apply_overrides(cfg, {"output_dir": str(ctx.cache_dir / f"{preset}-{key}")})
     final = Path(cfg.output_dir) / "model_final.pt"
     with _exclusive(Path(f"{cfg.output_dir}.lock")):  # parallel notebook runs train it only once
         if not final.exists():
