@@ -17,88 +17,6 @@ class UserError(Exception):
     """An error caused by the user's input: printed as one line, without a traceback."""
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="make, download, prepare or check datasets")
-    dsub = p.add_subparsers(dest="data_command", required=True)
-
-    s = dsub.add_parser(
-        "synthetic",
-        help="write the synthetic shapes dataset (COCO panoptic/instances + semantic PNGs)",
-    )
-    s.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
-    s.add_argument("--n-train", type=int, default=500, help="training images (default: 500)")
-    s.add_argument("--n-val", type=int, default=100, help="validation images (default: 100)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    s.set_defaults(func=_cmd_data_synthetic)
-
-    names = ("coco", "ade20k", "cityscapes")
-    d = dsub.add_parser("download", help="download, verify and extract coco, ade20k or cityscapes")
-    d.add_argument("name", choices=names)
-    d.add_argument("--root", default="data", help="folder that holds the datasets (default: data)")
-    d.set_defaults(func=_cmd_data_download)
-
-    pr = dsub.add_parser(
-        "prepare",
-        help="make the derived files (coco: panoptic_semseg; cityscapes: trainIds, panoptic)",
-    )
-    pr.add_argument("name", choices=names)
-    pr.add_argument("--root", default="data", help="folder that holds the datasets (default: data)")
-    pr.add_argument("--workers", type=int, default=1, help="processes for coco (default: 1)")
-    pr.set_defaults(func=_cmd_data_prepare)
-
-    c = dsub.add_parser(
-        "check", help="validate a dataset folder and list every problem (exit 1 on errors)"
-    )
-    c.add_argument(
-        "path",
-        help="dataset folder (the shapes/coco_custom layout, coco/ or ADEChallengeData2016/)",
-    )
-    c.add_argument(
-        "--format", default="auto", choices=("auto", "coco_panoptic", "coco_instance", "semantic")
-    )
-    c.add_argument(
-        "--num-classes", type=int, default=None, help="for semantic labels (default: from the JSON)"
-    )
-    c.add_argument(
-        "--limit", type=int, default=None, help="check only the first N images of each split"
-    )
-    c.set_defaults(func=_cmd_data_check)
-
-
-def _cmd_data_synthetic(args: argparse.Namespace) -> None:
-    from m2f_lite.data import synthetic
-
-    synthetic.main(args)
-
-
-def _cmd_data_download(args: argparse.Namespace) -> None:
-    from m2f_lite.data.download import DownloadError, download
-
-    try:
-        download(args.name, args.root)
-    except DownloadError as e:
-        raise UserError(str(e)) from e
-
-
-def _cmd_data_prepare(args: argparse.Namespace) -> None:
-    from m2f_lite.data.prepare import prepare
-
-    prepare(args.name, args.root, workers=args.workers)
-
-
-def _cmd_data_check(args: argparse.Namespace) -> None:
-    from m2f_lite.data import check
-
-    rc = check.main(args.path, fmt=args.format, num_classes=args.num_classes, limit=args.limit)
-    if rc:
-        raise SystemExit(rc)
-
-
-# ----------------------------------------------------------------------------------------------
-# train, eval, predict, convert, eval-files, bench
-# ----------------------------------------------------------------------------------------------
-
 OVERRIDES_HELP = "dotted config overrides, e.g. --model.num_queries=50 or solver.max_iter=300"
 
 
@@ -367,7 +285,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m2f-lite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_data(sub)
+    from m2f_lite.data.cli import add_data_commands  # the `data` group lives with the data code
+
+    add_data_commands(sub)
     _add_run(sub)
     return parser
 
