@@ -46,7 +46,7 @@ def load_rgb(image: Any) -> np.ndarray:
     if isinstance(image, str | os.PathLike):
         return read_image(image)  # EXIF orientation, modes, clear errors naming the file
     if isinstance(image, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(image))
+        image = to_rgb(ImageOps.exif_transpose(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         image = image.permute(1, 2, 0) if image.ndim == 3 and image.shape[0] in (1, 3, 4) else image
@@ -60,9 +60,9 @@ def load_rgb(image: Any) -> np.ndarray:
         )
     if array.dtype != np.uint8:
         array = np.clip(np.round(array.astype(np.float64)), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(
-        np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
-    )
+    array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+    # a writable copy when needed: torch.from_numpy warns on read-only arrays (np.asarray(PIL))
+    return np.require(array, requirements=("C", "W"))
 
 
 class Predictor:
