@@ -91,6 +91,20 @@ def test_arrays_tensors_and_pil_images(predictor):
     _check(predictor(photo[..., 0]), 45, 29)  # [H, W] grayscale array
 
 
+def test_read_only_inputs_give_writable_arrays():
+    # np.asarray(PIL image) is read-only; torch.from_numpy would warn (a failed strict book build)
+    frozen = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    frozen.flags.writeable = False
+    for image in (
+        frozen,
+        Image.fromarray(frozen.copy()),
+        np.asarray(Image.fromarray(frozen[..., 0])),
+    ):
+        rgb = load_rgb(image)
+        assert rgb.flags.writeable and rgb.flags.c_contiguous and rgb.shape == (5, 6, 3)
+    assert np.array_equal(load_rgb(frozen), frozen)
+
+
 def test_the_result_is_the_evaluation_result(predictor):
     """Test-time resize to the config's sizes, then post-processing back to the original size."""
     photo = _photo(30, 60)
