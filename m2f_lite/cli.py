@@ -1,4 +1,4 @@
-"""The ``m2f-lite`` command line: data, train, eval, eval-files, predict, convert, bench.
+"""The ``m2f-lite`` command line: data, train, eval, predict, convert, weights, eval-files, bench.
 
 Each sub-command is a small function here that parses its arguments and calls the package; the
 work lives in the modules (``m2f_lite.data``, ``m2f_lite.engine``, ...). Errors a user can fix
@@ -68,6 +68,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--preset", default=None, help="the preset the weights belong to (default: guessed)"
     )
     c.set_defaults(func=_cmd_convert)
+
+    w = sub.add_parser(
+        "weights", help="download an official checkpoint (m2f_lite.model_zoo), verify, convert"
+    )
+    w.add_argument("name", help="a model zoo row = its preset name, e.g. coco_panoptic_r50")
+    w.add_argument("--root", default="weights", help="folder for the weights (default: weights)")
+    w.set_defaults(func=_cmd_weights)
 
     f = sub.add_parser(
         "eval-files", help="score prediction files on disk against ground truth files"
@@ -234,6 +241,18 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     report = convert_main(args.src, args.dst, source=args.source, preset=args.preset)
     print(report)
     print(f"wrote {args.dst}")
+
+
+def _cmd_weights(args: argparse.Namespace) -> None:
+    from m2f_lite.data.download import DownloadError
+    from m2f_lite.model_zoo import ZOO, download_weights
+
+    if args.name not in ZOO:
+        raise UserError(f"weights {args.name!r}: not a model zoo row; one of: {', '.join(ZOO)}")
+    try:
+        print(f"wrote {download_weights(args.name, args.root)}")
+    except DownloadError as e:
+        raise UserError(str(e)) from e
 
 
 def _cmd_eval_files(args: argparse.Namespace) -> None:

@@ -195,6 +195,8 @@ def download_weights(
     if prefix is not None and not md5sum(pkl).startswith(prefix):
         pkl.unlink()
         raise DownloadError(f"{url}: the file's MD5 does not start with {prefix}; removed it")
+    if prefix is not None:
+        log(f"{pkl.name}: its MD5 starts with {prefix}, as its official name says")
     report = convert_main(str(pkl), str(dst), source="detectron2", preset=entry.preset)
     log(f"{dst}: converted from {pkl.name} ({report})")
     return dst
@@ -206,15 +208,12 @@ def commands(
     """The shell commands that reproduce a row: ``data``, ``weights``, ``eval``, ``train``, and
     ``expected`` (what the official run used). One command per line."""
     e = get_entry(name)
-    pkl = f"{weights_root}/official/{e.name}-{e.url.rsplit('/', 1)[-1]}"
     pt = f"{weights_root}/{e.name}.pt"
     data = [f"m2f-lite data download {e.dataset} --root {data_root}"]
     if e.dataset in ("coco", "cityscapes"):  # ADE20K semantic needs no derived files
         data.append(f"m2f-lite data prepare {e.dataset} --root {data_root}")
-    weights = [
-        f"curl -L --create-dirs -o {pkl} {e.url}",
-        f"m2f-lite convert {pkl} {pt} --preset {e.preset}",
-    ]
+    # downloads ROOT/official/<name>-model_final_*.pkl, checks its md5 prefix, converts to ROOT/<name>.pt
+    weights = [f"m2f-lite weights {e.name} --root {weights_root}"]
     pretrained = f"{weights_root}/{e.pretrained}"
     if e.pretrained == "R-50.pkl":
         fetch = f"curl -L --create-dirs -o {pretrained} {_R50_URL}"

@@ -100,13 +100,12 @@ def test_commands_are_real_cli_commands(name, data_root):
             if args.command in ("train", "eval"):
                 cfg = get_config(e.preset, extra)  # the overrides are real config keys
                 assert cfg.data.root.startswith(f"{data_root}/"), line
-            if args.command == "convert":
-                assert args.preset == e.preset and args.dst.endswith(f"{name}.pt")
+            if args.command == "weights":
+                assert args.name == name and args.root == "weights"
             if args.command == "eval":
                 assert args.model == f"weights/{name}.pt"
-    assert seen == {"data", "convert", "eval", "train"}
+    assert seen == {"data", "weights", "eval", "train"}
     assert str(e.paper) in cmds["expected"] and str(e.gpus) in cmds["expected"]
-    assert e.url in cmds["weights"]
 
 
 def _official_pkl(path, seed=0):
@@ -175,3 +174,25 @@ def test_download_weights_by_name_uses_the_entry_url(tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="offline test"):
         model_zoo.download_weights("coco_panoptic_r50", tmp_path, log=lambda s: None)
     assert seen == [model_zoo.get_entry("coco_panoptic_r50").url]
+
+
+def test_the_weights_command_downloads_converts_and_names_bad_input(tmp_path, monkeypatch, capsys):
+    from m2f_lite.cli import main
+
+    src = tmp_path / "staging.pkl"
+    _official_pkl(src)
+    official = src.with_name(f"model_final_{hashlib.md5(src.read_bytes()).hexdigest()[:6]}.pkl")
+    src.rename(official)
+    monkeypatch.setitem(model_zoo.ZOO, "shapes_tiny", _entry(official.as_uri()))
+    assert main(["weights", "shapes_tiny", "--root", str(tmp_path / "w")]) == 0
+    assert (tmp_path / "w" / "shapes_tiny.pt").is_file()
+    assert f"wrote {tmp_path / 'w' / 'shapes_tiny.pt'}" in capsys.readouterr().out
+
+    assert main(["weights", "coco_panoptic_r5O"]) == 2  # a typo: the rows are listed
+    assert "not a model zoo row; one of: coco_panoptic_r50" in capsys.readouterr().err
+
+    bad = tmp_path / "model_final_000000.pkl"
+    _official_pkl(bad)
+    monkeypatch.setitem(model_zoo.ZOO, "shapes_tiny", _entry(bad.as_uri()))
+    assert main(["weights", "shapes_tiny", "--root", str(tmp_path / "v")]) == 2  # md5 mismatch
+    assert "000000" in capsys.readouterr().err
