@@ -49,9 +49,9 @@ test: $(VENV)/.dev-installed $(SHAPES)/.complete
 	$(MAKE) test-py tiny-model test-nb test-book
 
 # The trained tiny model several chapters share (m2f_lite.book.trained_tiny_model), trained once
-# and cached under .cache/ before the notebooks run in parallel.
+# and cached under .cache/ before the notebooks run in parallel (progress every 30 s in logs).
 tiny-model:
-	cd book && ../$(PY) -c "from m2f_lite import book; book.trained_tiny_model(book.setup())"
+	cd book && TQDM_MININTERVAL=30 ../$(PY) -c "from m2f_lite import book; book.trained_tiny_model(book.setup())"
 
 test-py:
 	$(PY) -m pytest -n 2 --dist loadgroup tests
