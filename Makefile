@@ -43,6 +43,7 @@ $(SHAPES)/.complete: m2f_lite/data/synthetic.py | $(VENV)/.book-installed
 
 # --- the two commands ---------------------------------------------------------------------------
 book: $(VENV)/.book-installed $(SHAPES)/.complete
+	$(MAKE) tiny-model
 	$(JB) build --all -W -n --keep-going .
 
 test: $(VENV)/.dev-installed $(SHAPES)/.complete
@@ -51,7 +52,7 @@ test: $(VENV)/.dev-installed $(SHAPES)/.complete
 # The trained tiny model several chapters share (m2f_lite.book.trained_tiny_model), trained once
 # and cached under .cache/ before the notebooks run in parallel (progress every 30 s in logs).
 tiny-model:
-	cd book && TQDM_MININTERVAL=30 ../$(PY) -c "from m2f_lite import book; book.trained_tiny_model(book.setup())"
+	cd book && TQDM_MININTERVAL=30 ../$(PY) -c "from m2f_lite import book; book.trained_tiny_model(book.setup(), progress=True)"
 
 test-py:
 	$(PY) -m pytest -n 2 --dist loadgroup tests

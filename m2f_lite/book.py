@@ -187,7 +187,7 @@ def _exclusive(lock_file: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
+def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None, progress: bool = False):
     """``shapes_tiny`` trained by the engine, cached: ``(model, cfg, meta)``.
 
     The first call trains (quick mode: 1000 iterations, about five minutes on two CPU cores;
@@ -199,7 +199,8 @@ def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None):
     from m2f_lite.config import get_config
 
     full = get_config("shapes_tiny").solver.max_iter
-    return train_cached(ctx, max_iter=max_iter or ctx.budget(quick=1000, full=full))
+    steps = max_iter or ctx.budget(quick=1000, full=full)
+    return train_cached(ctx, max_iter=steps, progress=progress)
 
 
 def train_cached(
@@ -209,6 +210,7 @@ def train_cached(
     preset: str = "shapes_tiny",
     max_iter: int,
     eval_period: int | None = None,
+    progress: bool = False,
 ):
     """Train ``preset`` with ``overrides`` on the shapes dataset once, cached: ``(model, cfg, meta)``.
 
@@ -217,6 +219,8 @@ def train_cached(
     interrupted run resumes from its last checkpoint. Evaluation runs every ``eval_period``
     iterations (default: once, at the end); its records are in ``cfg.output_dir/log.jsonl``.
     A lock makes parallel notebook runs (nbval with several workers) train each recipe only once.
+    Training prints one line before and one after; ``progress=True`` adds the progress bars
+    (off by default: a notebook's stderr would become a warning in the strict book build).
     """
     import hashlib
 
@@ -225,6 +229,7 @@ def train_cached(
     from m2f_lite.data.meta import DatasetMeta
     from m2f_lite.engine import train
     from m2f_lite.modeling.mask2former import build_model
+    from m2f_lite.train_log import headline
 
     cfg = get_config(
         preset,
@@ -244,7 +249,14 @@ def train_cached(
     final = Path(cfg.output_dir) / "model_final.pt"
     with _exclusive(Path(f"{cfg.output_dir}.lock")):  # parallel notebook runs train it only once
         if not final.exists():
-            train(cfg, resume=True)
+            print(f"training {preset} for {max_iter} iterations, once: cached in {cfg.output_dir}")
+            result = train(cfg, resume=True, progress=progress)
+            if result["interrupted"]:  # Ctrl-C / SIGTERM: a checkpoint was saved
+                raise KeyboardInterrupt(
+                    f"stopped at iteration {result['iteration']}; call again to resume"
+                )
+            summary = ", ".join(f"{k} {v:.1f}" for k, v in headline(result["metrics"]).items())
+            print(f"trained in {result['seconds'] / 60:.1f} min: {summary}")
     state = ckpt.load_checkpoint(final)
     model = build_model(cfg)
     ckpt.load_model_state(model, state["model"], source=str(final))
