@@ -85,8 +85,12 @@ class DeformableEncoderLayer(nn.Module):
     ) -> Tensor:
         """``src``, ``pos``: ``[B, S, C]``; ``reference_points``: ``[B, S, L, 2]``. Returns ``[B, S, C]``."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        hidden = F.relu(self.linear1(src), inplace=True)  # [B, S, F], in place: one buffer less
-        return self.norm2(src + self.linear2(hidden))
+        B, S, C = src.shape
+        # The FFN on [B·S, C] rows: a 2-D Linear returns a fresh tensor, so the in-place ReLU (one
+        # [B·S, F] buffer less) does not write into a view, whose backward would copy the gradient.
+        rows = src.reshape(B * S, C)  # [B·S, C]
+        hidden = F.relu(self.linear1(rows), inplace=True)  # [B·S, F]
+        return self.norm2(rows + self.linear2(hidden)).view(B, S, C)
 
 
 def encoder_reference_points(
