@@ -37,7 +37,9 @@ def test_show_source_reads_the_package_and_cuts_where_asked():
     assert "def forward(" in whole
     cut = book.show_source(HungarianMatcher.forward, start="def forward", end=")").data
     assert len(cut.splitlines()) < len(whole.splitlines())
-    with pytest.raises(ValueError, match=r"no line of HungarianMatcher\.forward contains 'nowhere'"):
+    with pytest.raises(
+        ValueError, match=r"no line of HungarianMatcher\.forward contains 'nowhere'"
+    ):
         book.show_source(HungarianMatcher.forward, start="nowhere")
 
 
