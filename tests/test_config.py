@@ -114,24 +114,9 @@ def test_ade20k_semantic_and_cityscapes_recipes():
         ade.data.max_size_train,
         ade.data.mapper_size_divisibility,
     ) == ("semantic", (512, 512), 2048, 512)
-    assert ade.data.min_size_train == (
-        256,
-        307,
-        358,
-        409,
-        460,
-        512,
-        563,
-        614,
-        665,
-        716,
-        768,
-        819,
-        870,
-        921,
-        972,
-        1024,
-    )
+    assert ade.data.min_size_train == tuple(
+        int(x * 0.1 * 512) for x in range(5, 21)
+    )  # the official YAML's expression
     assert (ade.data.min_size_test, ade.data.max_size_test, ade.data.color_aug) == (512, 2048, True)
     assert (ade.model.num_classes, ade.inference.instance_on, ade.inference.panoptic_on) == (
         150,

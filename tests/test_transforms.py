@@ -190,24 +190,9 @@ def test_semantic_recipe_pads_images_smaller_than_the_crop():
 
 def test_official_recipes_and_test_sizes():
     ade = build_transforms(get_config("ade20k_semantic_r50").data, train=True).transforms
-    assert ade[0].lengths == (
-        256,
-        307,
-        358,
-        409,
-        460,
-        512,
-        563,
-        614,
-        665,
-        716,
-        768,
-        819,
-        870,
-        921,
-        972,
-        1024,
-    )
+    assert ade[0].lengths == tuple(
+        int(x * 0.1 * 512) for x in range(5, 21)
+    )  # the official YAML's expression
     assert (
         ade[0].style == "choice" and ade[0].max_size == 2048 and isinstance(ade[2], T.ColorAugSSD)
     )
