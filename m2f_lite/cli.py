@@ -142,7 +142,7 @@ def _print_metrics(metrics: dict, json_path: str | None = None) -> None:
 
     print(format_results(metrics))
     if json_path:
-        from m2f_lite.checkpoint import atomic_write_text
+        from m2f_lite.atomic_io import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(metrics, indent=2))
 

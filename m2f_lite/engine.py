@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from m2f_lite import checkpoint as ckpt
+from m2f_lite.atomic_io import atomic_write_text
 from m2f_lite.config import Config
 from m2f_lite.criterion import build_criterion, pad_target_masks
 from m2f_lite.data.build import build_dataset, collate
@@ -216,7 +217,7 @@ def train(
     )
     if rt.main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(out / "config.json", cfg.to_json())
+        atomic_write_text(out / "config.json", cfg.to_json())
     log = TrainLog(out, enabled=rt.main, resume_from=start_iter if state is not None else None)
 
     def save(name: str, iteration: int) -> Path:

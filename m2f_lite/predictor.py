@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from m2f_lite import checkpoint as ckpt
+from m2f_lite.atomic_io import atomic_write_bytes, atomic_write_text
 from m2f_lite.config import Config
 from m2f_lite.data.build import dataset_meta
 from m2f_lite.data.files import read_image, to_rgb
@@ -183,7 +184,7 @@ def write_prediction(
     if task == "panoptic":
         ids, segments = result["panoptic_seg"]
         files.append(out / f"{stem}_panoptic.png")
-        ckpt.atomic_write_bytes(files[-1], panoptic_png_bytes(ids.cpu().numpy()))
+        atomic_write_bytes(files[-1], panoptic_png_bytes(ids.cpu().numpy()))
         entry = {
             "image_id": image_id,
             "file_name": files[-1].name,
@@ -218,5 +219,5 @@ def _merge_json(path: Path, entries: list[dict], *, categories: list[dict] | Non
         old = json.loads(path.read_text()) if path.exists() else {"annotations": []}
         annotations = [a for a in old["annotations"] if a["image_id"] not in new_ids] + entries
         data = {"annotations": annotations, "categories": categories}
-    ckpt.atomic_write_text(path, json.dumps(data))
+    atomic_write_text(path, json.dumps(data))
     return path

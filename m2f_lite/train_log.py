@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from m2f_lite.checkpoint import atomic_write_text
+from m2f_lite.atomic_io import atomic_write_text
 
 
 def headline(metrics: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -14,6 +14,7 @@ from tiny_run import tiny_config
 from torch import nn
 
 from m2f_lite import checkpoint as ckpt
+from m2f_lite.atomic_io import atomic_file, atomic_write_bytes, atomic_write_text
 from m2f_lite.config import apply_overrides, get_config
 from m2f_lite.modeling.mask2former import build_model
 
@@ -63,6 +64,16 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 (pickling a lambda fails inside torch.save)
         ckpt.atomic_save({"model": lambda: 0}, path)
     assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_writes_replace_whole_files_or_nothing(tmp_path, durable):
+    path = atomic_write_bytes(tmp_path / "sub" / "a.json", b"old", durable=durable)
+    with pytest.raises(RuntimeError, match="mid-write"), atomic_file(path, durable=durable) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("mid-write")
+    assert path.read_bytes() == b"old" and list(path.parent.iterdir()) == [path]
+    assert atomic_write_text(path, "new é", durable=durable).read_text("utf-8") == "new é"
 
 
 def test_corrupt_and_truncated_files_are_detected(tmp_path, cfg, model):

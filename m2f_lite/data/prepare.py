@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from m2f_lite.atomic_io import atomic_write_bytes
 from m2f_lite.data.base import panoptic_to_semantic
 from m2f_lite.data.categories import CITYSCAPES_LABELS
 from m2f_lite.data.coco_panoptic import coco_panoptic_meta, parse_panoptic_json
@@ -37,7 +38,6 @@ from m2f_lite.data.files import (
     read_json,
     read_label_png,
     read_panoptic_png,
-    write_atomic,
 )
 
 
@@ -53,7 +53,7 @@ def _semseg_one(job: tuple[Path, Path, list[tuple[int, int, bool]]]) -> None:
     ids = torch.tensor([s[0] for s in segments], dtype=torch.long)
     cls = torch.tensor([s[1] for s in segments], dtype=torch.long)
     sem = panoptic_to_semantic(pan, ids, cls, 255).numpy().astype(np.uint8)  # [H, W]
-    write_atomic(out, _png_bytes(sem))
+    atomic_write_bytes(out, _png_bytes(sem), durable=False)
 
 
 def panoptic_to_semseg_files(
@@ -144,7 +144,9 @@ def cityscapes_panoptic_split(city_root: Path, split: str) -> Path:
                     "iscrowd": crowd if lb[4] else 0,
                 }
             )
-        write_atomic(out_dir / f"{stem}_gtFine_panoptic.png", _png_bytes(id2rgb(pan)))
+        atomic_write_bytes(
+            out_dir / f"{stem}_gtFine_panoptic.png", _png_bytes(id2rgb(pan)), durable=False
+        )
         images.append(
             {
                 "id": stem,
@@ -161,11 +163,12 @@ def cityscapes_panoptic_split(city_root: Path, split: str) -> Path:
             }
         )
     out = city_root / "gtFine" / f"cityscapes_panoptic_{split}.json"
-    write_atomic(
+    atomic_write_bytes(
         out,
         json.dumps(
             {"images": images, "annotations": annotations, "categories": categories}
         ).encode(),
+        durable=False,
     )
     return out
 
@@ -185,7 +188,7 @@ def cityscapes_train_ids(city_root: Path, split: str) -> int:
             raise DatasetError(
                 "label ids outside the Cityscapes table", file=f, field="pixel values"
             )
-        write_atomic(out, _png_bytes(lut[ids].astype(np.uint8)))
+        atomic_write_bytes(out, _png_bytes(lut[ids].astype(np.uint8)), durable=False)
         n += 1
     return n
 

@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from m2f_lite.data.files import id2rgb, write_atomic
+from m2f_lite.atomic_io import atomic_write_bytes
+from m2f_lite.data.files import id2rgb
 from m2f_lite.data.meta import DatasetMeta
 
 THINGS = ("circle", "square", "triangle", "star")
@@ -281,8 +282,8 @@ def write_split(out: Path, split: str, n: int, *, size: int, seed: int) -> None:
     info = {"description": f"m2f_lite synthetic shapes, split {split}, seed {seed}, size {size}"}
     panoptic = {"info": info, "images": images, "annotations": pan_annos, "categories": pan_cats}
     instances = {"info": info, "images": images, "annotations": ins_annos, "categories": ins_cats}
-    write_atomic(out / f"panoptic_{split}.json", json.dumps(panoptic).encode())
-    write_atomic(out / f"instances_{split}.json", json.dumps(instances).encode())
+    atomic_write_bytes(out / f"panoptic_{split}.json", json.dumps(panoptic).encode(), durable=False)
+    atomic_write_bytes(out / f"instances_{split}.json", json.dumps(instances).encode(), durable=False)
 
 
 def generate(
