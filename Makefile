@@ -13,11 +13,12 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # OpenMP threads that spin while waiting make torch ~20x slower on a busy 2-core machine
 export GOMP_SPINCOUNT ?= 1000
 
-.PHONY: book test test-py tiny-model test-nb test-book demo bench lint format clean help
+.PHONY: book test test-py test-nb test-book book-model demo bench lint format clean help
 
 help:
 	@echo "make book   build the book into _build/html (executes every notebook)"
 	@echo "make test   run every test: pytest, nbval over the notebooks, the strict book build"
+	@echo "make book-model  retrain the book's shipped model from scratch (~50 min on 2 CPU cores)"
 	@echo "make demo   train -> eval -> predict on the synthetic shapes dataset (DEMO_ARGS=--solver.max_iter=300 for a short one)"
 	@echo "make bench  speed/memory benchmarks against HF transformers (CPU, and GPU when present)"
 	@echo "make lint   ruff check + format check"
@@ -43,16 +44,10 @@ $(SHAPES)/.complete: m2f_lite/data/synthetic.py | $(VENV)/.book-installed
 
 # --- the two commands ---------------------------------------------------------------------------
 book: $(VENV)/.book-installed $(SHAPES)/.complete
-	$(MAKE) tiny-model
 	$(JB) build --all -W -n --keep-going .
 
 test: $(VENV)/.dev-installed $(SHAPES)/.complete
-	$(MAKE) test-py tiny-model test-nb test-book
-
-# The trained tiny model several chapters share (m2f_lite.book.trained_tiny_model), trained once
-# and cached under .cache/ before the notebooks run in parallel (progress every 30 s in logs).
-tiny-model:
-	cd book && TQDM_MININTERVAL=30 ../$(PY) -c "from m2f_lite import book; book.trained_tiny_model(book.setup(), progress=True)"
+	$(MAKE) test-py test-nb test-book
 
 test-py:
 	$(PY) -m pytest -n 2 --dist loadgroup tests
@@ -62,6 +57,16 @@ test-nb:  # two kernels on two cores: one thread each
 
 test-book:
 	$(JB) build --all -W -n --keep-going .
+
+# The book's model ships with the package (m2f_lite/assets/shapes_book.*, m2f_lite/book_model.py):
+# nothing above trains it. This retrains it from scratch with the recorded command (fresh data and
+# run folder, which must not exist), evaluates the half-precision weights that ship and rewrites the three asset files.
+book-model: $(VENV)/.book-installed
+	@test ! -e runs/shapes_book || { echo "make book-model: runs/shapes_book exists; move it away first"; exit 1; }
+	$(VENV)/bin/m2f-lite data synthetic --out $(SHAPES) --n-train 500 --n-val 100 --size 128 --seed 0
+	touch $(SHAPES)/.complete
+	TQDM_MININTERVAL=60 $(VENV)/bin/m2f-lite train shapes_book --output_dir=runs/shapes_book
+	$(PY) -m m2f_lite.book_model runs/shapes_book
 
 # --- the rest -----------------------------------------------------------------------------------
 DEMO_ARGS ?=

@@ -187,20 +187,18 @@ def _exclusive(lock_file: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def trained_tiny_model(ctx: BookContext, *, max_iter: int | None = None, progress: bool = False):
-    """``shapes_tiny`` trained by the engine, cached: ``(model, cfg, meta)``.
+def book_model(ctx: BookContext):
+    """The book's trained model, shipped with the package: ``(model, cfg, meta)``.
 
-    The first call trains (quick mode: 1000 iterations, about five minutes on two CPU cores;
-    on a GPU the preset's full budget) and evaluates once at the end; later calls, from any
-    chapter, load the checkpoint from ``ctx.cache_dir``. ``model`` is in eval mode on
-    ``ctx.device``; ``meta`` is the dataset's ``DatasetMeta`` (class names, colours);
-    ``cfg.output_dir`` holds ``log.jsonl``, ``loss.png`` and ``model_final.pt``.
+    ``shapes_book`` trained once by ``engine.train`` (``make book-model``; the command, the metrics
+    and the training curve are in ``m2f_lite/assets/shapes_book.json``, see
+    :mod:`m2f_lite.book_model`). Nothing trains here: the weights load in a second. ``model`` is
+    in eval mode on ``ctx.device``; ``cfg.data.root`` is the chapter's shapes dataset; ``meta`` is
+    the dataset's ``DatasetMeta`` (class names, colours).
     """
-    from m2f_lite.config import get_config
+    from m2f_lite import book_model as shipped
 
-    full = get_config("shapes_tiny").solver.max_iter
-    steps = max_iter or ctx.budget(quick=1000, full=full)
-    return train_cached(ctx, max_iter=steps, progress=progress)
+    return shipped.load(ctx.device, data_root=ctx.shapes_root)
 
 
 def train_cached(
