@@ -149,7 +149,12 @@ def write_assets(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     model = build_model(config_from_dict(shipped["config"]))
     ckpt.load_model_state(model, shipped["model"], source=str(final))
     t0 = time.perf_counter()
-    metrics = evaluate(cfg, model.eval(), progress=False)  # what ships is what is measured
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the test that reproduces it (the sums' order is then fixed)
+    try:
+        metrics = evaluate(cfg, model.eval(), progress=False)  # what ships is what is measured
+    finally:
+        torch.set_num_threads(threads)
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x]
     curve = [{"iteration": r["iteration"], **r["eval"]} for r in records if r.get("eval")]
     train_seconds = sum(r["time"] * cfg.solver.log_period for r in records if "time" in r)
