@@ -189,59 +189,6 @@ class HungarianMatcher(nn.Module):
         )
 
     @torch.no_grad()
-    def batch_costs(
-        self, pred_logits: Tensor, pred_masks: Tensor, targets: list[dict[str, Tensor]]
-    ) -> list[Tensor]:
-        """``cost_matrix`` of every image of a batch at once: one ``[Q, N_b]`` cost per image.
-
-        The same numbers as calling ``cost_matrix`` image by image (the reference; the tests
-        compare them), including the random points: one draw of P points per image with targets,
-        in order, as the per-image loop draws them. The work is batched: one ``grid_sample`` for
-        all predictions, one ``point_sample_binary`` for all targets, and the pairwise costs of
-        every prediction against every target of the batch, of which each image keeps its block.
-        """
-        device = pred_masks.device
-        with_targets = [b for b, t in enumerate(targets) if len(t["labels"])]
-        if not with_targets:
-            return [pred_masks.new_zeros(pred_masks.shape[1], 0) for _ in targets]
-        counts = [len(targets[b]["labels"]) for b in with_targets]
-        labels = torch.cat([targets[b]["labels"] for b in with_targets]).to(device)  # [ΣN]
-        with torch.autocast(device_type=device.type, enabled=False):
-            probs = pred_logits[with_targets].float().softmax(-1)  # [B', Q, K+1]
-            mask_logits = pred_masks[with_targets].float()  # [B', Q, h, w]
-            if self.point_matching:
-                points = torch.cat(
-                    [uniform_points(1, self.num_points, device) for _ in with_targets]
-                )  # [B', P, 2]: image b's points shared by its predictions and targets
-                pred = point_sample(mask_logits, points)  # [B', Q, P] (queries as channels)
-                masks = torch.cat([targets[b]["masks"] for b in with_targets])  # [ΣN, H, W]
-                image_of = torch.repeat_interleave(torch.tensor(counts))  # [ΣN]
-                row_points = points.to(masks.device)[image_of.to(masks.device)]  # [ΣN, P, 2]
-                target = point_sample_binary(masks, row_points).to(device)  # [ΣN, P]
-            else:
-                pred = mask_logits.flatten(2)  # [B', Q, hw]
-                target = torch.cat(
-                    [
-                        resize_masks_nearest(targets[b]["masks"], mask_logits.shape[-2:])
-                        for b in with_targets
-                    ]
-                ).flatten(1)  # [ΣN, hw]
-                target = target.to(device, torch.float32)
-            b_, q, p_ = pred.shape
-            flat = pred.reshape(b_ * q, p_)  # [B'Q, P]
-            cost_mask = pairwise_sigmoid_ce(flat, target).view(b_, q, -1)  # [B', Q, ΣN]
-            cost_dice = pairwise_dice(flat, target).view(b_, q, -1)  # [B', Q, ΣN]
-            cost_class = -probs[:, :, labels]  # [B', Q, ΣN]
-        cost = (
-            self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
-        )  # [B', Q, ΣN]: every prediction against every target of the batch
-        blocks = cost.split(counts, dim=-1)  # image b' keeps its own targets' columns
-        out = [pred_masks.new_zeros(pred_masks.shape[1], 0) for _ in targets]
-        for i, b in enumerate(with_targets):
-            out[b] = blocks[i][i]  # [Q, N_b]
-        return out
-
-    @torch.no_grad()
     def forward(
         self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]], *, validate: bool = True
     ) -> list[tuple[Tensor, Tensor]]:
@@ -265,7 +212,6 @@ class HungarianMatcher(nn.Module):
         if validate:
             check_targets(outputs, targets)
         num_queries = outputs["pred_logits"].shape[1]
-        costs = self.batch_costs(outputs["pred_logits"], outputs["pred_masks"], targets)
         indices = []
         for b, target in enumerate(targets):
             num_targets = len(target["labels"])
@@ -281,7 +227,13 @@ class HungarianMatcher(nn.Module):
                     stacklevel=2,
                 )
                 self._warned_more_targets = True
-            indices.append(solve_assignment(costs[b]))
+            cost = self.cost_matrix(
+                outputs["pred_logits"][b],
+                outputs["pred_masks"][b],
+                target["labels"],
+                target["masks"],
+            )
+            indices.append(solve_assignment(cost))
         return indices
 
     def extra_repr(self) -> str:

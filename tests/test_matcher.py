@@ -328,34 +328,3 @@ def test_matching_equals_hf_transformers_matcher():
     got = HungarianMatcher(num_points=64)(outputs, targets)
     for (rows, cols), (hf_rows, hf_cols) in zip(got, expected):
         assert torch.equal(rows, hf_rows) and torch.equal(cols, hf_cols)
-
-
-@pytest.mark.parametrize("point_matching", [True, False])
-def test_batch_costs_equal_the_per_image_reference_with_the_same_random_points(point_matching):
-    """The batched costs (what forward uses) are cost_matrix image by image: same draws, same
-    numbers, images without targets included."""
-    g = torch.Generator().manual_seed(0)
-    b, q, h, w = 4, 6, 8, 12
-    logits = torch.randn(b, q, 5, generator=g)
-    masks = torch.randn(b, q, h, w, generator=g)
-    counts = [3, 0, 1, 5]
-    targets = [
-        {
-            "labels": torch.randint(0, 4, (n,), generator=g),
-            "masks": torch.rand(n, 4 * h, 4 * w, generator=g) > 0.6,
-        }
-        for n in counts
-    ]
-    matcher = HungarianMatcher(num_points=50, point_matching=point_matching)
-    torch.manual_seed(1)
-    batched = matcher.batch_costs(logits, masks, targets)
-    torch.manual_seed(1)
-    reference = [
-        matcher.cost_matrix(logits[i], masks[i], t["labels"], t["masks"])
-        if n
-        else torch.zeros(q, 0)
-        for i, (t, n) in enumerate(zip(targets, counts))
-    ]
-    for got, want, n in zip(batched, reference, counts):
-        assert got.shape == (q, n)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
