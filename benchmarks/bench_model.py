@@ -2,7 +2,7 @@
 
 A random-init HF ``Mask2FormerForUniversalSegmentation`` (the R50 COCO-panoptic shape by default:
 133 classes, 100 queries, 6 encoder and 9 decoder layers; ``--tiny`` for a tiny one) is converted
-with ``m2f_lite.convert.from_transformers``; both models then see the same images (HF the
+with ``m2f_lite.weights.transformers.from_transformers``; both models then see the same images (HF the
 normalised pixels, m2f_lite the 0..255 images, which it normalises itself) and, for training, the
 same targets. The models alternate call by call (a busy machine slows both alike); each figure is
 the median of ``--runs`` calls after ``--warmup`` calls.
@@ -54,10 +54,10 @@ import torch
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
 
 from m2f_lite.config import IMAGENET_MEAN, IMAGENET_STD, get_config
-from m2f_lite.convert import from_transformers
 from m2f_lite.criterion import build_criterion
 from m2f_lite.modeling.mask2former import build_model
 from m2f_lite.modeling.pixel_decoder import encoder_reference_points
+from m2f_lite.weights.transformers import from_transformers
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 OURS, HF = "m2f_lite", "HF transformers"

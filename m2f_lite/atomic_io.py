@@ -12,21 +12,56 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+TMP_SUFFIX = ".tmp"  # the temporary file of ``name`` is ``.name.<random>.tmp``, beside it
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_file` left in ``folder`` when its process was
+    killed (``kill -9``, a power cut) between creating and renaming one; returns them.
+
+    Only call this where no other process may be writing into ``folder`` at the same time (the
+    training loop calls it on its locked ``output_dir``).
+    """
+    stale = sorted(Path(folder).glob(f".*{TMP_SUFFIX}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file that replaces ``path`` only once the ``with`` block has finished.
 
     It is written to a temporary file in the same folder, then ``os.replace``d over ``path``; on
-    any error the temporary file is removed and ``path`` keeps its old content. ``durable`` adds
-    the ``fsync`` of the file before the rename and of the folder after it (POSIX), so that the
-    new content survives a power cut too.
+    any error the temporary file is removed and ``path`` keeps its old content. The new file gets
+    the permissions a plain ``open(path, "w")`` would give it (the umask's, or the old file's).
+    ``durable`` adds the ``fsync`` of the file before the rename and of the folder after it
+    (POSIX), so that the new content survives a power cut too. A process killed mid-write leaves
+    its temporary file behind: :func:`remove_stale_temporaries` clears them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        # mkstemp makes the file 0600; give it the mode open(path, "w") would: the old file's,
+        # or 0666 less the umask (0644 with the usual umask 022)
+        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, mode)
             yield f
             if durable:
                 f.flush()

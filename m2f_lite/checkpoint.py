@@ -164,7 +164,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     """Initial weights (``cfg.weights``): an m2f_lite checkpoint loads the whole model (returns
     ``"model"``); anything else goes to the backbone (ImageNet ``.pth``/``.safetensors``,
     detectron2 ``R-50.pkl``: ``load_pretrained_backbone``; returns ``"backbone"``)."""
-    from m2f_lite.modeling.backbone import load_pretrained_backbone
+    from m2f_lite.weights.backbone import load_pretrained_backbone
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights {str(path)!r}: no such file")

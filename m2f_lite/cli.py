@@ -1,4 +1,4 @@
-"""The ``m2f-lite`` command line: data, train, eval, predict, convert, weights, eval-files, bench,
+"""The ``m2f-lite`` command line: data, train, eval, predict, convert, export, weights, eval-files, bench,
 ablate.
 
 Each sub-command is a small function here that parses its arguments and calls the package; the
@@ -54,7 +54,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     p.add_argument("--weights", required=True, help="an m2f-lite checkpoint (train or convert)")
-    p.add_argument("--task", default="panoptic", choices=("panoptic", "instance", "semantic"))
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=("panoptic", "instance", "semantic"),
+        help="default: the checkpoint's first task of panoptic, instance, semantic",
+    )
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.set_defaults(func=_cmd_predict, takes_overrides=True)
@@ -70,8 +75,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     c.set_defaults(func=_cmd_convert)
 
+    x = sub.add_parser("export", help="the network -> ONNX (onnxruntime) or torch.export (.pt2)")
+    x.add_argument("checkpoint", help="an m2f-lite checkpoint (.pt)")
+    x.add_argument("out", help="the file to write (.onnx or .pt2)")
+    x.add_argument("--format", required=True, choices=("onnx", "torch-export"))
+    x.set_defaults(func=lambda a: print(_export_main(a.checkpoint, a.out, format=a.format)))
+
     w = sub.add_parser(
-        "weights", help="download an official checkpoint (m2f_lite.model_zoo), verify, convert"
+        "weights",
+        help="download an official checkpoint (m2f_lite.weights.model_zoo), verify, convert",
     )
     w.add_argument("name", help="a model zoo row = its preset name, e.g. coco_panoptic_r50")
     w.add_argument("--root", default="weights", help="folder for the weights (default: weights)")
@@ -123,24 +135,46 @@ def _config(name: str, overrides: list[str]):
     return get_config(name, overrides)
 
 
-def _ensure_shapes(cfg) -> None:
-    """The synthetic shapes are made on first use (seconds), so that `train shapes_tiny` just works."""
+def _ensure_shapes(cfg, splits: tuple[str, ...]) -> None:
+    """The synthetic shapes are made on first use (seconds), so that `train shapes_tiny` just works.
+
+    Only for a shapes dataset, and only into a folder that is absent, empty, or made by the shapes
+    generator itself (its ``synthetic.MARKER`` file): a typo in ``data.root``, a val-only folder or
+    somebody's own data is never overwritten; the error names the file that is missing instead.
+    """
     from pathlib import Path
 
-    root = Path(cfg.data.root)
-    if cfg.data.dataset.startswith("shapes") and not (root / "panoptic_train.json").exists():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # not from several processes at once
-            raise UserError(
-                f"{root}: no shapes dataset; make it first: m2f-lite data synthetic --out {root}"
-            )
-        from m2f_lite.book import SHAPES_ARGS
-        from m2f_lite.data import synthetic
+    from m2f_lite.data import synthetic
 
-        print(
-            f"{root} has no shapes dataset: making it (m2f-lite data synthetic --out {root})",
-            file=sys.stderr,
+    if not cfg.data.dataset.startswith("shapes"):
+        return
+    root = Path(cfg.data.root)
+    pattern = {"shapes_instance": "instances_{}.json", "shapes_semantic": "semantic_{}"}.get(
+        cfg.data.dataset, "panoptic_{}.json"
+    )
+    missing = [root / pattern.format(s) for s in splits if not (root / pattern.format(s)).exists()]
+    if not missing:
+        return
+    ours = not root.exists() or (
+        root.is_dir() and ((root / synthetic.MARKER).is_file() or not any(root.iterdir()))
+    )
+    if not ours:
+        raise UserError(
+            f"{missing[0]}: no such file, and {root} was not made by the shapes generator (no "
+            f"{synthetic.MARKER}): not writing shapes data into it; check data.root, or make a "
+            "new folder with m2f-lite data synthetic --out DIR"
         )
-        synthetic.generate(root, **SHAPES_ARGS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # not from several processes at once
+        raise UserError(
+            f"{root}: no shapes dataset; make it first: m2f-lite data synthetic --out {root}"
+        )
+    from m2f_lite.book import SHAPES_ARGS
+
+    print(
+        f"{root} has no shapes dataset: making it (m2f-lite data synthetic --out {root})",
+        file=sys.stderr,
+    )
+    synthetic.generate(root, **SHAPES_ARGS)
 
 
 def _print_metrics(metrics: dict, json_path: str | None = None) -> None:
@@ -162,7 +196,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args.preset, args.overrides)
     if args.resume and args.resume_from:
         raise UserError("give --resume or --resume-from, not both")
-    _ensure_shapes(cfg)
+    _ensure_shapes(cfg, (cfg.data.train_split, cfg.data.val_split))
     result = train(cfg, resume=args.resume_from or args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, process 0 reports
@@ -207,7 +241,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         state = ckpt.load_checkpoint(weights)
     model = build_model(cfg)
     ckpt.load_model_state(model, state["model"], source=weights)
-    _ensure_shapes(cfg)
+    _ensure_shapes(cfg, (cfg.data.val_split,))
     import torch
 
     model.to("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -233,6 +267,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     predictor = Predictor.from_checkpoint(
         args.weights, device=args.device, overrides=args.overrides
     )
+    args.task = args.task or predictor.tasks[0]
+    if args.task not in predictor.tasks:
+        raise UserError(
+            f"--task {args.task}: {args.weights} predicts {', '.join(predictor.tasks)} "
+            f"(add --inference.{args.task}_on=true to predict it anyway)"
+        )
     for image_id, image in enumerate(args.images):
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image}: no such file")
@@ -244,23 +284,25 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from m2f_lite.convert import convert_main
+    from m2f_lite.weights.convert import convert_main
 
     report = convert_main(args.src, args.dst, source=args.source, preset=args.preset)
     print(report)
     print(f"wrote {args.dst}")
 
 
+def _export_main(checkpoint: str, out: str, *, format: str) -> str:
+    from m2f_lite.export import export_main  # the export logic lives in m2f_lite/export.py
+
+    return export_main(checkpoint, out, format=format)
+
+
 def _cmd_weights(args: argparse.Namespace) -> None:
-    from m2f_lite.data.download import DownloadError
-    from m2f_lite.model_zoo import ZOO, download_weights
+    from m2f_lite.weights.model_zoo import ZOO, download_weights
 
     if args.name not in ZOO:
         raise UserError(f"weights {args.name!r}: not a model zoo row; one of: {', '.join(ZOO)}")
-    try:
-        print(f"wrote {download_weights(args.name, args.root)}")
-    except DownloadError as e:
-        raise UserError(str(e)) from e
+    print(f"wrote {download_weights(args.name, args.root)}")  # DownloadError: _run
 
 
 def _cmd_eval_files(args: argparse.Namespace) -> None:
@@ -342,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command) -> int:
     """Run a sub-command: errors a user can fix as one line (exit 2), Ctrl-C as exit 130."""
+    from m2f_lite.data.download import DownloadError  # a download or an archive failed
+
     try:
         command()
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError, DownloadError) as e:
         print(f"m2f-lite: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a non-finite loss with solver.nonfinite_loss=stop

@@ -28,7 +28,9 @@ IMAGENET_STD = (58.395, 57.120, 57.375)  # MODEL.PIXEL_STD
 class ModelConfig:
     # a name in modeling.backbone.BACKBONES (resnet50, swin_large_384, ...)
     backbone: str = "resnet50"
-    backbone_norm: str = "frozen_bn"  # ResNet norm: "frozen_bn" (detectron2's FrozenBN) | "bn"
+    # MODEL.RESNETS.NORM: "frozen_bn" (FrozenBN) | "syncbn" (SyncBN: trainable, synchronised over
+    # the processes under DDP on GPUs) | "bn" (trainable, per process)
+    backbone_norm: str = "frozen_bn"
     # MODEL.BACKBONE.FREEZE_AT: stages frozen (0 = none, 1 = stem, 2 = stem+res2, ...)
     freeze_at: int = 0
     drop_path_rate: float = 0.0  # MODEL.SWIN.DROP_PATH_RATE (0.3 for Swin)
@@ -78,6 +80,9 @@ class InferenceConfig:
     overlap_threshold: float = 0.8  # MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD
     topk_per_image: int = 100  # TEST.DETECTIONS_PER_IMAGE
     sem_seg_postprocessing_before_inference: bool = False
+    # evaluation precision, its own setting: "off" = fp32, as detectron2 evaluates (its
+    # inference_on_dataset has no autocast; SOLVER.AMP is for training only) | "bf16" | "fp16"
+    amp: str = "off"
 
 
 @dataclass
@@ -125,9 +130,10 @@ class SolverConfig:
     warmup_iters: int = 10  # SOLVER.WARMUP_ITERS
     warmup_factor: float = 1.0  # SOLVER.WARMUP_FACTOR
     clip_value: float = 0.01  # SOLVER.CLIP_GRADIENTS.CLIP_VALUE (full model, L2); 0 disables
-    # SOLVER.AMP.ENABLED: "bf16" | "fp16" (with GradScaler: the official AMP) | "off". bf16 needs
-    # no scaler; the engine falls back to fp16 on GPUs without bf16 and runs fp32 on the CPU.
-    amp: str = "bf16"
+    # training precision. SOLVER.AMP.ENABLED: True in every official recipe = "fp16" (autocast
+    # with a GradScaler, the default) | "bf16" (no scaler; fp16 on GPUs without bf16) | "off"
+    # (fp32). CPUs always train in fp32. Evaluation has its own setting: inference.amp.
+    amp: str = "fp16"
     grad_accum: int = 1  # micro-batches per optimizer step
     checkpoint_period: int = 5000  # SOLVER.CHECKPOINT_PERIOD
     eval_period: int = 5000  # TEST.EVAL_PERIOD

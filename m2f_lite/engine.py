@@ -2,8 +2,8 @@
 
 ``train(cfg)`` runs ``cfg.solver.max_iter`` optimizer steps. One step (:func:`forward_backward`):
 
-1. ``grad_accum`` micro-batches: the forward pass under ``torch.autocast`` (bf16, or fp16 with a
-   ``GradScaler``), the set criterion (``criterion.total``: Σ λ·loss over all the predictions, 10
+1. ``grad_accum`` micro-batches: the forward pass under ``torch.autocast`` (``solver.amp``: fp16 with a
+   ``GradScaler`` as the official recipes, or bf16), the set criterion (``criterion.total``: Σ λ·loss over all the predictions, 10
    in the official config) divided by ``grad_accum``, backward; under DDP gradients are averaged
    over processes on the last micro-batch only (``no_sync`` before it). The criterion normalises
    each micro-batch by its own number of masks (over all processes, as the official), so the
@@ -33,6 +33,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,11 +46,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+try:
+    import fcntl  # POSIX: the output_dir lock
+except ImportError:  # Windows
+    fcntl = None
+
 from m2f_lite import checkpoint as ckpt
-from m2f_lite.atomic_io import atomic_write_text
+from m2f_lite.atomic_io import atomic_write_text, remove_stale_temporaries
 from m2f_lite.config import Config
 from m2f_lite.criterion import build_criterion, pad_target_masks
 from m2f_lite.data.build import build_dataset, collate
+from m2f_lite.data.files import DatasetError
 from m2f_lite.distributed import Runtime, any_process, gather_objects, init_runtime
 from m2f_lite.evaluation import autocast_dtype, evaluate
 from m2f_lite.modeling.mask2former import build_model
@@ -59,8 +66,8 @@ from m2f_lite.train_log import TrainLog, headline, peak_memory_mb
 
 OOM_ADVICE = (
     "out of GPU memory. Try, one at a time: a smaller solver.ims_per_batch (the global batch), or "
-    "the same batch in pieces with solver.grad_accum=2 (or 4); solver.amp=bf16 (or fp16 on GPUs "
-    "without bf16); fewer sampled points, e.g. loss.num_points=6272; a smaller data.image_size or "
+    "the same batch in pieces with solver.grad_accum=2 (or 4); mixed precision if it is off, "
+    "solver.amp=fp16 (the official) or solver.amp=bf16; fewer sampled points, e.g. loss.num_points=6272; a smaller data.image_size or "
     "data.crop_size."
 )
 TERMS = (
@@ -144,21 +151,79 @@ def forward_backward(
     return terms, data_time
 
 
+class OutputDirBusy(ValueError):
+    """Another training run holds the lock on ``output_dir``; the message names the folder."""
+
+
+class OutputDirLock:
+    """One training run per ``output_dir``: an exclusive ``fcntl.flock`` on its ``.m2f_lite.lock``.
+
+    A second run into the same folder is refused (:class:`OutputDirBusy`) instead of interleaving
+    ``log.jsonl`` and replacing the first run's checkpoints. The operating system releases the
+    lock when the process ends, ``kill -9`` included, so a dead run never blocks the next one;
+    the file keeps the holder's pid and host for the message. Process 0 takes the lock and
+    tells the others (all processes raise together). Holding it, process 0 also removes the
+    temporary files a killed save left (``atomic_io.remove_stale_temporaries``). No ``fcntl``
+    (Windows): no lock.
+    """
+
+    NAME = ".m2f_lite.lock"
+
+    def __init__(self, folder: Path, rt: Runtime) -> None:
+        self.folder, self.rt, self._file = folder, rt, None
+
+    def __enter__(self) -> OutputDirLock:
+        holder = None
+        if self.rt.main and fcntl is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.folder / self.NAME, "a+")  # held until __exit__
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._file.seek(0)
+                holder = self._file.read().strip() or "another process"
+                self._file.close()
+                self._file = None
+            else:
+                self._file.seek(0)
+                self._file.truncate()
+                self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                self._file.flush()
+                remove_stale_temporaries(self.folder)
+        if any_process(holder is not None, self.rt):
+            raise OutputDirBusy(
+                f"output_dir {self.folder} is in use by another training run ({holder or 'see process 0'}); "
+                "wait for it to end, or give another output_dir"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 def train(
     cfg: Config, *, resume: bool | str | os.PathLike = False, progress: bool = True
 ) -> dict[str, Any]:
     """Train ``cfg`` (module doc). ``resume``: ``True`` continues from the newest checkpoint in
     ``cfg.output_dir`` (or starts if there is none), a path continues from that file.
-    ``progress=False`` hides the progress bars (the JSONL log is written either way).
+    ``progress=False`` hides the progress bars (the JSONL log is written either way). The run
+    holds ``output_dir`` (:class:`OutputDirLock`): a second run into it is refused.
 
     Returns ``{"iteration", "checkpoint", "metrics", "skipped_steps", "interrupted", "seconds"}``.
     """
-    rt, s, t_start, out = (
-        init_runtime(cfg.device),
-        cfg.solver,
-        time.perf_counter(),
-        Path(cfg.output_dir),
-    )
+    rt = init_runtime(cfg.device)
+    with OutputDirLock(Path(cfg.output_dir), rt):
+        return _train(cfg, rt, resume=resume, progress=progress)
+
+
+def _train(
+    cfg: Config, rt: Runtime, *, resume: bool | str | os.PathLike, progress: bool
+) -> dict[str, Any]:
+    """:func:`train`'s body, run while ``output_dir`` is locked."""
+    s, t_start, out = cfg.solver, time.perf_counter(), Path(cfg.output_dir)
     path = ckpt.latest_checkpoint(out) if resume is True else (Path(resume) if resume else None)
     state = None
     if path is not None:
@@ -176,6 +241,14 @@ def train(
     criterion = build_criterion(cfg).to(rt.device)
     if state is None and cfg.weights:
         ckpt.load_weights(model, cfg.weights)
+    if cfg.model.backbone_norm == "syncbn" and rt.distributed:
+        if rt.device.type == "cuda":  # MODEL.RESNETS.NORM "SyncBN": global-batch statistics
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, same keys
+        elif rt.main:
+            print(
+                "model.backbone_norm=syncbn: no SyncBatchNorm on CPUs; BN per process",
+                file=sys.stderr,
+            )
     optimizer = build_optimizer(cfg, model)
     dtype = autocast_dtype(s.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=dtype == torch.float16)
@@ -203,6 +276,11 @@ def train(
     )
 
     train_set = build_dataset(cfg, cfg.data.train_split, train=True)
+    if len(train_set) == 0:
+        raise DatasetError(
+            f"no images in data.train_split={cfg.data.train_split!r}: nothing to train on",
+            file=cfg.data.root,
+        )
     loader = build_train_loader(
         train_set,
         global_batch=s.ims_per_batch,
@@ -279,8 +357,9 @@ def train(
             if any_process(not math.isfinite(terms["loss"]) or bad_grad, rt):
                 what = f"non-finite loss ({terms['loss']}) or gradient norm ({grad_norm})"
                 if s.nonfinite_loss == "stop":
+                    last = f"the last checkpoint is {saved}" if saved else "no checkpoint was saved"
                     raise FloatingPointError(
-                        f"iteration {iteration}: {what}; stopping (solver.nonfinite_loss=stop), the last checkpoint is in {out}"
+                        f"iteration {iteration}: {what}; stopping (solver.nonfinite_loss=stop); {last}"
                     )
                 skipped += 1
                 tqdm.write(
@@ -327,6 +406,11 @@ def train(
             if s.eval_period > 0 and iteration % s.eval_period == 0:
                 metrics = run_eval(iteration)
         bar.close()
+        if iteration == s.max_iter and skipped == iteration - start_iter > 0:
+            raise FloatingPointError(  # not a trained model: no model_final.pt, no success
+                f"all {skipped} steps had a non-finite loss or gradient norm and were skipped "
+                "(solver.nonfinite_loss=skip): the weights never changed; no model_final.pt written"
+            )
         if iteration == s.max_iter and start_iter < s.max_iter:
             saved = save("model_final.pt", iteration)
             if s.eval_period > 0:

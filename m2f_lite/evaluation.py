@@ -4,7 +4,8 @@
 ``data.min_size_test``, long side at most ``data.max_size_test``), one image at a time as the
 official test loader, turns the outputs into per-image results at the original resolution
 (``m2f_lite.inference``) for the tasks ``cfg.inference`` enables, and scores them with
-``m2f_lite.metrics.evaluators``: PQ (panoptic), mask AP (instance), mIoU (semantic).
+``m2f_lite.metrics.evaluators``: PQ (panoptic), mask AP (instance), mIoU (semantic). It runs
+in fp32 unless ``cfg.inference.amp`` asks for bf16 or fp16 (``solver.amp`` is for training only).
 """
 
 from __future__ import annotations
@@ -21,19 +22,21 @@ from tqdm.auto import tqdm
 from m2f_lite.checkpoint import unwrap
 from m2f_lite.config import Config
 from m2f_lite.data.build import build_dataset, collate
+from m2f_lite.data.files import DatasetError
 from m2f_lite.metrics.evaluators import DatasetEvaluators, build_evaluator
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``solver.amp`` on ``device`` (``None``: fp32). CPUs always run fp32."""
+def autocast_dtype(
+    amp: str, device: torch.device, *, key: str = "solver.amp"
+) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` (the value of config field ``key``: ``solver.amp`` for
+    training, ``inference.amp`` for evaluation) on ``device``; ``None``: fp32. CPUs always run fp32."""
     if amp not in ("bf16", "fp16", "off"):
-        raise ValueError(f"solver.amp={amp!r}: expected 'bf16', 'fp16' or 'off'")
+        raise ValueError(f"{key}={amp!r}: expected 'bf16', 'fp16' or 'off'")
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        print(
-            "solver.amp=bf16: this GPU has no bf16; using fp16 with a GradScaler", file=sys.stderr
-        )
+        print(f"{key}=bf16: this GPU has no bf16; using fp16", file=sys.stderr)
         return torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -64,6 +67,8 @@ def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
     in ``data.num_workers`` processes (0: in this process).
     """
     inf, meta = cfg.inference, dataset.meta
+    if (gt_dir := getattr(dataset, "cityscapes_gt_dir", None)) is not None:
+        return _cityscapes_evaluator(cfg, dataset, gt_dir)
     panoptic_json = getattr(dataset, "panoptic_json", None)
     instances_json = getattr(dataset, "instances_json", None)
     if instances_json is None and panoptic_json is not None:
@@ -90,6 +95,30 @@ def build_dataset_evaluator(cfg: Config, dataset: Any) -> DatasetEvaluators:
     )
 
 
+def _cityscapes_evaluator(cfg: Config, dataset: Any, gt_dir: Path) -> DatasetEvaluators:
+    """Cityscapes as the official ``train_net.py``: instance AP and mIoU by the benchmark's own
+    ``cityscapesscripts`` (``m2f_lite.metrics.cityscapes``), PQ by panopticapi's arithmetic."""
+    from m2f_lite.metrics.cityscapes import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
+
+    inf, task = cfg.inference, dataset.task
+    evaluators: list[Any] = []
+    if inf.semantic_on and task in ("semantic", "panoptic"):
+        evaluators.append(CityscapesSemSegEvaluator(dataset.meta, gt_dir))
+    if inf.instance_on and task in ("instance", "panoptic"):
+        evaluators.append(CityscapesInstanceEvaluator(dataset.meta, gt_dir))
+    if inf.panoptic_on and task == "panoptic":
+        evaluators += build_evaluator(
+            dataset.meta,
+            panoptic=True,
+            panoptic_json=dataset.panoptic_json,
+            panoptic_folder=dataset.panoptic_root,
+            num_workers=max(1, cfg.data.num_workers),
+        ).evaluators
+    if not evaluators:
+        raise ValueError(f"nothing to evaluate: dataset {cfg.data.dataset!r}, tasks {inf}")
+    return DatasetEvaluators(evaluators)
+
+
 @torch.no_grad()
 def evaluate(
     cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bool = True
@@ -105,10 +134,18 @@ def evaluate(
 
     if dataset is None:
         dataset = build_dataset(cfg, cfg.data.val_split, train=False)
+    if len(dataset) == 0:  # the evaluators would report NaN metrics as if they were results
+        raise DatasetError(
+            f"no images in data.val_split={cfg.data.val_split!r}: nothing to evaluate",
+            file=getattr(dataset, "panoptic_json", None)
+            or getattr(dataset, "instances_json", None)
+            or cfg.data.root,
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = unwrap(model)
     device = next(model.parameters()).device
-    dtype = autocast_dtype(cfg.solver.amp, device)
+    # fp32 unless inference.amp asks (detectron2 evaluates in fp32, whatever SOLVER.AMP says)
+    dtype = autocast_dtype(cfg.inference.amp, device, key="inference.amp")
     samples = EvalSamples(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
         samples, batch_size=1, collate_fn=collate, num_workers=cfg.data.num_workers

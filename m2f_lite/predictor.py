@@ -10,11 +10,15 @@ array ``[H, W]``/``[H, W, 3|4]`` or a tensor ``[3, H, W]`` (0..255, the package'
 Grayscale becomes RGB, an alpha channel is dropped, 16-bit is rescaled (``m2f_lite.data.files``).
 The image is resized as the config's test time says (short side ``data.min_size_test``, long side
 at most ``data.max_size_test``), run through the model, and post-processed as the official
-(``m2f_lite.inference``) for all three tasks, back at the original size:
+(``m2f_lite.inference``) for the tasks the checkpoint's ``cfg.inference`` enables (``tasks``),
+back at the original size. A semantic-only checkpoint (ADE20K, Cityscapes semantic) thus takes
+the official semantic path (class scores at the padded size, then crop and resize), and instance
+results come only when instance inference is on (as ``m2f-lite eval`` computes them):
 
-- ``"sem_seg"``: class scores ``[K, H, W]``;
-- ``"panoptic_seg"``: ``(ids [H, W] int32, segments_info)``, ``category_id`` a contiguous class;
-- ``"instances"``: ``{"masks" [k, H, W] bool, "scores" [k], "labels" [k]}``;
+- ``"sem_seg"``: class scores ``[K, H, W]`` (``inference.semantic_on``);
+- ``"panoptic_seg"``: ``(ids [H, W] int32, segments_info)``, ``category_id`` a contiguous class
+  (``inference.panoptic_on``);
+- ``"instances"``: ``{"masks" [k, H, W] bool, "scores" [k], "labels" [k]}`` (``inference.instance_on``);
 - ``"image"``: the RGB image ``[H, W, 3]`` uint8 that was predicted (after EXIF rotation).
 
 :func:`write_prediction` saves what ``m2f-lite predict`` writes: an overlay PNG (class names,
@@ -83,6 +87,17 @@ class Predictor:
         self.model = ckpt.unwrap(model).to(self.device).eval()
         self.cfg, self.meta = cfg, meta
         self.resize = build_transforms(cfg.data, train=False)
+        inf = cfg.inference
+        enabled = {
+            "panoptic": inf.panoptic_on,
+            "instance": inf.instance_on,
+            "semantic": inf.semantic_on,
+        }
+        self.tasks = tuple(t for t in TASKS if enabled[t])  # what a result holds
+        if not self.tasks:
+            raise ValueError(
+                "the config enables no task: inference.{semantic,instance,panoptic}_on"
+            )
 
     @classmethod
     def from_checkpoint(
@@ -106,28 +121,20 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, image: Any) -> dict[str, Any]:
-        from m2f_lite.inference import postprocess
+        from m2f_lite.inference import postprocess_from_config
 
         rgb = load_rgb(image)
         h, w = rgb.shape[:2]
         x = torch.from_numpy(rgb).permute(2, 0, 1).float()  # [3, H, W], 0..255
         x = self.resize({"image": x}, torch.Generator())["image"]  # [3, h', w'] test-time size
         outputs = self.model([x.to(self.device)])
-        inf = self.cfg.inference
-        (result,) = postprocess(
-            {
-                "pred_logits": outputs["pred_logits"].float(),
-                "pred_masks": outputs["pred_masks"].float(),
-            },
-            [tuple(x.shape[-2:])],
-            [(h, w)],
-            semantic=True,
-            instance=True,
-            panoptic=True,
-            is_thing=self.meta.is_thing,
-            object_mask_threshold=inf.object_mask_threshold,
-            overlap_threshold=inf.overlap_threshold,
-            topk=inf.topk_per_image,
+        outputs = {
+            "pred_logits": outputs["pred_logits"].float(),
+            "pred_masks": outputs["pred_masks"].float(),
+        }
+        # the checkpoint's tasks and thresholds, as evaluation.evaluate post-processes
+        (result,) = postprocess_from_config(
+            outputs, [tuple(x.shape[-2:])], [(h, w)], self.cfg.inference, self.meta
         )
         return {**result, "image": rgb}
 
@@ -136,6 +143,12 @@ class Predictor:
     ) -> np.ndarray:
         """The overlay of one task's result on its image (``m2f_lite.viz``), uint8 ``[H, W, 3]``."""
         from m2f_lite import viz
+
+        if task in TASKS and task not in self.tasks:
+            raise ValueError(
+                f"task={task!r}: this checkpoint predicts {', '.join(self.tasks)} "
+                f"(inference.{task}_on=false; pass --inference.{task}_on=true to add it)"
+            )
 
         image = result["image"]
         if task == "panoptic":

@@ -56,16 +56,53 @@ def _shade(color: Sequence[int], index: int) -> np.ndarray:
     return np.clip(np.asarray(color, dtype=np.float32) + rng.uniform(-60, 60, size=3), 0, 255)
 
 
-def _label(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, font) -> None:
+def place_label(
+    mask: np.ndarray,
+    extent: tuple[int, int, int, int],
+    taken: Sequence[tuple[int, int, int, int]] = (),
+) -> tuple[int, int]:
+    """Where to anchor the name of ``mask`` ``[H, W]``: ``(x, y)``, the centre of the text.
+
+    ``extent`` is the label box relative to its anchor, ``(left, top, right, bottom)``. The first
+    choice is the mask pixel closest to the centroid (it stays inside non-convex shapes); the box
+    is then moved inside the image and, when it covers a box in ``taken`` (the labels drawn
+    before), up or down by whole label heights to the nearest place where it covers none (or
+    least, if there is none).
+    """
     ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return
-    # The mask pixel closest to the centroid: stays inside non-convex shapes.
     cy, cx = ys.mean(), xs.mean()
     i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-    x, y = int(xs[i]), int(ys[i])
-    left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
-    draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+    height, width = mask.shape
+    left, top, right, bottom = extent
+    step = bottom - top + 1
+    x = int(np.clip(xs[i], -left, max(width - 1 - right, -left)))  # the box inside the image
+
+    def covered(y: int) -> int:
+        box = (x + left, y + top, x + right, y + bottom)
+        return sum(
+            max(0, min(box[2], t[2]) - max(box[0], t[0]) + 1)
+            * max(0, min(box[3], t[3]) - max(box[1], t[1]) + 1)
+            for t in taken
+        )
+
+    candidates = []
+    for k in (0, 1, -1, 2, -2, 3, -3):
+        y = int(np.clip(ys[i] + k * step, -top, max(height - 1 - bottom, -top)))
+        if covered(y) == 0:
+            return x, y
+        candidates.append(y)
+    return x, min(candidates, key=covered)
+
+
+def _label(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, font, taken: list) -> None:
+    if not mask.any():
+        return
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, anchor="mm")
+    extent = (left - 2, top - 1, right + 2, bottom + 1)  # the text and a black margin
+    x, y = place_label(mask, extent, taken)
+    box = (x + extent[0], y + extent[1], x + extent[2], y + extent[3])
+    taken.append(box)
+    draw.rectangle(box, fill=(0, 0, 0))
     draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
 
 
@@ -89,7 +126,8 @@ def overlay_segments(
 ) -> np.ndarray:
     """Paint boolean masks ``[H, W]`` over ``image`` in their class colours, outline them, name them.
 
-    Masks are painted in order, so a later mask covers an earlier one where they overlap.
+    Masks are painted in order, so a later mask covers an earlier one where they overlap; the
+    names stay inside the image and are moved apart where they would cover one another.
     """
     canvas = to_uint8_image(image).astype(np.float32)
     seen: dict[int, int] = {}
@@ -107,9 +145,10 @@ def overlay_segments(
         labels = [meta.classes[int(c)] for c in class_ids]
     draw = ImageDraw.Draw(out)
     font = _font(out.height)
+    taken: list[tuple[int, int, int, int]] = []  # the label boxes drawn so far
     for mask, text in zip(masks, labels):
         if text:
-            _label(draw, mask, text, font)
+            _label(draw, mask, text, font, taken)
     return np.asarray(out)
 
 

@@ -9,15 +9,16 @@ import pytest
 import torch
 from transformers import ResNetBackbone, ResNetConfig, SwinBackbone, SwinConfig
 
-from m2f_lite.convert_backbone import backbone_name_from_hf_config, hf_backbone_to_timm
 from m2f_lite.modeling.backbone import BACKBONES, build_backbone
 from m2f_lite.modeling.swin import shifted_window_mask
+from m2f_lite.weights.backbone import backbone_name_from_hf_config, hf_backbone_to_timm
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 # The official widths (paper Sec. 4 / the configs' MODEL.SWIN.EMBED_DIM × 2^i, ResNet 256..2048).
 EXPECTED = {
     "resnet18": ([64, 128, 256, 512], None),
+    "resnet18_half": ([32, 64, 128, 256], None),  # the book's model (not an official backbone)
     "resnet50": ([256, 512, 1024, 2048], None),
     "resnet101": ([256, 512, 1024, 2048], None),
     "swin_tiny": ([96, 192, 384, 768], 7),
@@ -267,3 +268,18 @@ def test_norm_option_frozen_or_trainable():
     assert not torch.equal(before, bn.running_mean)
     with pytest.raises(ValueError, match="norm"):
         build_backbone("resnet18", norm="group")
+
+
+def test_syncbn_backbone_converts_to_sync_batchnorm_with_the_same_weights():
+    """model.backbone_norm=syncbn: trainable BatchNorm that the training loop turns into
+    nn.SyncBatchNorm under DDP; the conversion keeps every parameter and key (optimizer, checkpoints)."""
+    backbone = build_backbone("resnet18", norm="syncbn", layers=(1, 1, 1, 1))
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.weight.requires_grad for m in bns)
+    params = {id(p) for p in backbone.parameters()}
+    keys = list(backbone.state_dict())
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == len(bns)
+    assert {id(p) for p in synced.parameters()} == params and list(synced.state_dict()) == keys
+    with pytest.raises(ValueError, match="'syncbn'"):
+        build_backbone("resnet18", norm="gn")

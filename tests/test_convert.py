@@ -11,16 +11,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from m2f_lite.config import config_from_dict, get_config
-from m2f_lite.convert import (
-    ConversionError,
-    check_state_dict,
+from m2f_lite.modeling.mask2former import build_model
+from m2f_lite.weights.convert import convert_main
+from m2f_lite.weights.detectron2 import (
     convert_detectron2,
-    convert_main,
     detectron2_backbone_name,
     load_official,
     to_detectron2,
 )
-from m2f_lite.modeling.mask2former import build_model
+from m2f_lite.weights.keys import ConversionError, check_state_dict
 
 PRESET = "shapes_tiny"
 # pinned so that the shapes below hold whatever the preset becomes
@@ -294,3 +293,42 @@ def test_convert_main_refuses_a_backbone_no_preset_has(tmp_path):
     with pytest.raises(ConversionError, match="no preset"):
         convert_main(str(tmp_path / "hf"), str(tmp_path / "out.pt"))
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_converted_official_checkpoint_evaluates_in_fp32_unless_told(
+    tmp_path, monkeypatch, capsys
+):
+    """detectron2 evaluates in fp32 whatever SOLVER.AMP says: `m2f-lite eval` of a converted
+    checkpoint asks for no autocast (inference.amp=off), even with training AMP on."""
+    from m2f_lite import cli, evaluation
+    from m2f_lite.data import synthetic
+
+    root = synthetic.generate(tmp_path / "shapes", n_train=2, n_val=2, size=48, seed=0)
+    src, dst = tmp_path / "model_final.pkl", tmp_path / "converted.pt"
+    with open(src, "wb") as f:
+        pickle.dump({"model": official(tiny_model(0, preset_only=True))}, f)
+    convert_main(str(src), str(dst), preset=PRESET)
+    cfg = config_from_dict(torch.load(dst, weights_only=True)["config"])
+    assert cfg.inference.amp == "off"
+    official_cfg = get_config("coco_panoptic_r50")  # trains as the official: fp16 + GradScaler
+    assert (official_cfg.solver.amp, official_cfg.inference.amp) == ("fp16", "off")
+
+    asked = []
+    real = evaluation.autocast_dtype
+
+    def spy(amp, device, *, key="solver.amp"):
+        asked.append((key, amp, real(amp, torch.device("cuda"), key=key)))  # as on a GPU
+        return real(amp, device, key=key)
+
+    monkeypatch.setattr(evaluation, "autocast_dtype", spy)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    args = ["eval", str(dst), f"--data.root={root}", "--device=cpu"]
+    assert cli.main(args) == 0
+    assert cli.main([*args, "--solver.amp=fp16"]) == 0  # training precision: not evaluation's
+    assert cli.main([*args, "--inference.amp=bf16"]) == 0
+    assert asked == [
+        ("inference.amp", "off", None),
+        ("inference.amp", "off", None),
+        ("inference.amp", "bf16", torch.bfloat16),
+    ]
+    assert "PQ" in capsys.readouterr().out

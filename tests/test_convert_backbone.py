@@ -10,14 +10,15 @@ import torch
 from safetensors.torch import save_file
 from transformers import ResNetConfig, SwinConfig
 
-from m2f_lite.convert_backbone import (
+from m2f_lite.modeling.backbone import build_backbone
+from m2f_lite.weights.backbone import (
     backbone_name_from_hf_config,
     detectron2_backbone_to_timm,
     hf_backbone_to_timm,
-    read_state_dict,
+    load_pretrained_backbone,
     timm_to_detectron2_backbone,
 )
-from m2f_lite.modeling.backbone import build_backbone, load_pretrained_backbone
+from m2f_lite.weights.unpickler import read_state_dict
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 TINY = {

@@ -76,9 +76,10 @@ def fake_coco(root, h: int = 40, w: int = 50):
         },
     ]
     images = []
-    for i, name in enumerate(["000000000001", "000000000002"]):
+    only_crowd = np.where(pan == 12, pan, 0)  # image 2 holds the crowd segment alone
+    for i, (name, ids) in enumerate(zip(["000000000001", "000000000002"], [pan, only_crowd])):
         write_png(root / "val2017" / f"{name}.png", random_image(h, w, i))
-        write_png(root / "panoptic_val2017" / f"{name}.png", id2rgb(pan))
+        write_png(root / "panoptic_val2017" / f"{name}.png", id2rgb(ids))
         images.append({"id": i + 1, "file_name": f"{name}.png", "height": h, "width": w})
     cats = [{"id": c[0], "name": c[1], "isthing": c[2], "color": list(c[3])} for c in _coco_cats()]
     write_json(
@@ -265,7 +266,9 @@ def test_sample_contract_and_targets_match_the_files(shapes):
         and t["masks"].shape[1:] == (48, 48)
         and t["orig_size"] == (64, 64)
     )
-    assert t["masks"].flatten(1).any(1).all()  # no empty targets after augmentation
+    # every non-crowd segment stays a target after augmentation, emptied or not (official mappers)
+    segs = [g for g in data["annotations"][0]["segments_info"] if not g["iscrowd"]]
+    assert t["labels"].tolist() == [meta.contiguous_id(g["category_id"]) for g in segs]
 
 
 def test_the_three_views_of_shapes_agree(shapes):
@@ -310,7 +313,8 @@ def test_coco_panoptic_reader(tmp_path):
         40,
         50,
     )  # only a crowd: no targets
-    assert len(build_dataset(cfg, "val", train=True)) == 1  # filter_empty drops it for training
+    # panoptic training keeps it, as detectron2 (its filter only sees records with "annotations")
+    assert len(build_dataset(cfg, "val", train=True)) == 2
     resized = build_dataset(
         get_config(
             "coco_panoptic_r50",
@@ -481,3 +485,18 @@ def test_train_loader_repeats_exactly(shapes):
     )  # resume after one batch
     second = next(x for i, x in enumerate(build_train_loader(ds, batch_size=3, seed=9)) if i == 1)
     assert all(torch.equal(a, b) for a, b in zip(later[0], second[0]))
+
+
+def test_only_instance_lsj_training_drops_emptied_masks_and_only_instance_data_filters(shapes):
+    """detectron2: filter_empty_instances only in the COCO instance LSJ mapper; the image filter
+    (FILTER_EMPTY_ANNOTATIONS) only on records with "annotations" (instance data)."""
+    instance = ["data.dataset=shapes_instance", "model.num_classes=4"]
+    cases = {
+        (): (False, False),  # panoptic, LSJ, training
+        tuple(instance): (True, False),
+        (*instance, "data.mapper=semantic", "data.min_size_train=[48]"): (False, False),
+    }
+    for extra, (train_drops, eval_drops) in cases.items():
+        cfg = shapes_cfg(shapes, *extra)
+        assert build_dataset(cfg, "train", train=True).drop_empty_masks is train_drops, extra
+        assert build_dataset(cfg, "val", train=False).drop_empty_masks is eval_drops, extra

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 from tiny_run import make_shapes, tiny_args, tiny_config
 
 from m2f_lite import checkpoint as ckpt
@@ -41,7 +43,13 @@ def _same_number_of_masks(root) -> None:
         ann["segments_info"] = [s for s in ann["segments_info"] if not s.get("iscrowd", 0)]
     k = min(len(a["segments_info"]) for a in data["annotations"])
     for ann in data["annotations"]:
+        dropped = [s["id"] for s in ann["segments_info"][k:]]
         ann["segments_info"] = ann["segments_info"][:k]
+        png = root / "panoptic_train" / ann["file_name"]
+        rgb = np.array(Image.open(png)).astype(np.int64)  # [H, W, 3]
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]  # [H, W]
+        rgb[np.isin(ids, dropped)] = 0  # the dropped segments become void in the PNG too
+        Image.fromarray(rgb.astype(np.uint8)).save(png)
     path.write_text(json.dumps(data))
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from m2f_lite.exercises import ch02
-from m2f_lite.modeling.swin import shifted_window_mask
 
 RIGHT_SHAPES = {
     f"res{i + 2}": (2, c, math.ceil(200 / s), math.ceil(300 / s))
@@ -126,8 +125,9 @@ def _slice_mask(height, width, window, shift):
 
 
 def test_ex4_accepts_the_official_construction():
+    # (the package's shifted_window_mask is what the check compares with: passing it proves
+    # nothing; the official slice construction is an independent right answer)
     ch02.check_ex4(_slice_mask)
-    ch02.check_ex4(lambda h, w, m, s: shifted_window_mask(h, w, m, s, torch.device("cpu")))
 
 
 def _column_major(height, width, window, shift):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from m2f_lite.convert import DETECTRON2_HEAD, rename_key
 from m2f_lite.exercises import ch10
+from m2f_lite.weights.detectron2 import DETECTRON2_HEAD, rename_key
 
 
 def test_ex1_right_and_wrong():

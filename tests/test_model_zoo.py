@@ -11,13 +11,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from m2f_lite import model_zoo
 from m2f_lite.cli import build_parser
 from m2f_lite.config import get_config
-from m2f_lite.convert import to_detectron2
 from m2f_lite.data.download import DownloadError
 from m2f_lite.modeling.mask2former import build_model
 from m2f_lite.presets import PRESETS
+from m2f_lite.weights import model_zoo
+from m2f_lite.weights.detectron2 import to_detectron2
 
 # cfg.data.dataset -> (zoo dataset, task): what each preset's data says
 DATASET_OF_PRESET = {
@@ -47,7 +47,7 @@ def test_every_entry_fits_its_preset():
 
 
 def test_every_official_preset_has_an_entry_and_the_headline_values():
-    assert sorted(model_zoo.ZOO) == sorted(p for p in PRESETS if p != "shapes_tiny")
+    assert sorted(model_zoo.ZOO) == sorted(p for p in PRESETS if not p.startswith("shapes_"))
     headline = {n: model_zoo.get_entry(n).paper for n in model_zoo.HEADLINE}
     assert headline["coco_panoptic_r50"] == 51.9 and headline["coco_panoptic_swin_l"] == 57.8
     assert headline["coco_instance_r50"] == 43.7 and headline["coco_instance_swin_l"] == 50.1

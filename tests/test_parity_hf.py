@@ -3,7 +3,7 @@
 Random-init HF models (no download). HF takes normalised pixels; m2f_lite takes the raw 0..255
 image and normalises it with the same ImageNet statistics. In float32 and eval mode HF and the
 official code compute the same function (where they differ, under autocast and in training, is
-listed in m2f_lite/convert_transformers.py; our code follows the official there), so the outputs
+listed in m2f_lite/weights/transformers.py; our code follows the official there), so the outputs
 must agree to 1e-4. HF's ``decoder_layers`` (10 in the R50 config) counts like the official
 DEC_LAYERS: 9 layers, 10 predictions.
 """
@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from m2f_lite.config import IMAGENET_MEAN, IMAGENET_STD
-from m2f_lite.convert import from_transformers
+from m2f_lite.weights.transformers import from_transformers
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 TINY_HEAD = dict(

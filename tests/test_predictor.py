@@ -158,3 +158,46 @@ def test_the_predictor_gives_the_evaluation_results(tmp_path, predictor):
         assert result["panoptic_seg"][1] == expected["panoptic_seg"][1]
         for k in ("masks", "scores", "labels"):
             torch.testing.assert_close(result["instances"][k], expected["instances"][k])
+
+
+def test_a_semantic_only_checkpoint_takes_the_official_semantic_path(tmp_path, weights, capsys):
+    """inference.{instance,panoptic}_on=false (the ADE20K/Cityscapes semantic configs): class scores
+    at the padded size, then cropped and resized (not the masks resized first), and nothing else."""
+    from m2f_lite.cli import main
+    from m2f_lite.inference import sem_seg_postprocess, semantic_inference
+
+    off = ["inference.instance_on=false", "inference.panoptic_on=false"]
+    predictor = Predictor.from_checkpoint(weights, device="cpu", overrides=off)
+    assert predictor.tasks == ("semantic",)
+    photo = _photo(30, 60)
+    result = predictor(photo)
+    assert set(result) == {"sem_seg", "image"}
+    x = predictor.resize(
+        {"image": torch.from_numpy(photo).permute(2, 0, 1).float()}, torch.Generator()
+    )["image"]
+    with torch.no_grad():
+        out = predictor.model([x])
+    masks = torch.nn.functional.interpolate(
+        out["pred_masks"], scale_factor=4, mode="bilinear", align_corners=False
+    )[0]  # [Q, Hp, Wp]
+    official = sem_seg_postprocess(
+        semantic_inference(out["pred_logits"][0], masks), tuple(x.shape[-2:]), 30, 60
+    )
+    torch.testing.assert_close(result["sem_seg"], official)
+    resized_first = semantic_inference(
+        out["pred_logits"][0], sem_seg_postprocess(masks, tuple(x.shape[-2:]), 30, 60)
+    )
+    assert not torch.allclose(result["sem_seg"], resized_first)  # the two paths differ
+    with pytest.raises(ValueError, match="predicts semantic"):
+        predictor.draw(result, "panoptic")
+    # `m2f-lite predict` picks the checkpoint's task, and names a task it does not have
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image)
+    common = [str(image), "--weights", str(weights), "--out", str(tmp_path / "out"), *off]
+    assert main(["predict", *common]) == 0
+    assert (tmp_path / "out" / "photo_semantic.png").is_file()
+    assert main(["predict", *common, "--task", "instance"]) == 2
+    assert "--task instance" in capsys.readouterr().err
+    # with instance inference on, instances come too (and panoptic only when asked)
+    both = Predictor.from_checkpoint(weights, device="cpu", overrides=off[1:])
+    assert both.tasks == ("instance", "semantic") and "instances" in both(photo)

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_datasets import write_json, write_png
 
@@ -157,23 +156,43 @@ def test_segment_ids_missing_from_the_png_or_from_the_json(shapes):
     data = json.loads((shapes / "panoptic_val.json").read_text())
     segs = data["annotations"][0]["segments_info"]
     dropped = segs.pop(0)  # now in the PNG only
-    segs.append(
-        {"id": 999, "category_id": 1, "iscrowd": 0, "area": 5, "bbox": [0, 0, 1, 1]}
-    )  # in the JSON only
     (shapes / "panoptic_val.json").write_text(json.dumps(data))
-    s = panoptic(shapes)[0]
-    assert len(s["labels"]) == len(segs) - 1  # the JSON-only segment (0 px) is dropped
-    assert (
-        not s["masks"].any(0)[torch.from_numpy(np.asarray(_pan_ids(shapes)) == dropped["id"])].any()
-    )  # PNG-only: void
+    png = shapes / "panoptic_val" / "000000.png"
+    # the readers refuse both, as `data check` does (before: void pixels, or an empty target)
+    with pytest.raises(
+        DatasetError, match=rf"000000\.png: segment ids \[{dropped['id']}\] are in the PNG but not"
+    ) as e:
+        panoptic(shapes)[0]
+    assert e.value.file == str(png)
+    segs.insert(0, dropped)
+    segs.append({"id": 999, "category_id": 1, "iscrowd": 0, "area": 5, "bbox": [0, 0, 1, 1]})
+    (shapes / "panoptic_val.json").write_text(json.dumps(data))  # 999: in the JSON only
+    with pytest.raises(
+        DatasetError,
+        match=r"segment ids \[999\] are in the JSON's segments_info but not in the PNG",
+    ):
+        panoptic(shapes)[0]
+    cfg = get_config("shapes_tiny", [f"data.root={shapes}"])
+    with pytest.raises(DatasetError, match="999"):  # the training reader too
+        build_dataset(cfg, "val", train=True)[0, 0]
     errs = " | ".join(f"{p.field}: {p.message}" for p in problems(shapes, "error"))
-    assert "segment 999: in the JSON" in errs and f"segment {dropped['id']}: in the PNG" in errs
+    assert "segment 999: in the JSON" in errs
+    segs.pop(-1)
+    segs.pop(0)
+    (shapes / "panoptic_val.json").write_text(json.dumps(data))
+    errs = " | ".join(f"{p.field}: {p.message}" for p in problems(shapes, "error"))
+    assert f"segment {dropped['id']}: in the PNG" in errs
 
 
-def _pan_ids(root):
-    from m2f_lite.data.files import read_panoptic_png
-
-    return read_panoptic_png(root / "panoptic_val" / "000000.png")
+def test_json_height_and_width_must_agree_with_the_image(shapes):
+    edit_json(shapes / "panoptic_val.json", lambda d: d["images"][1].update(height=50))
+    with pytest.raises(
+        DatasetError,
+        match=r"000001\.png: height/width: image is 48x48 but .*panoptic_val\.json says 50x48",
+    ):
+        panoptic(shapes)[1]
+    assert panoptic(shapes)[0]["masks"].shape[-2:] == (48, 48)  # the other images still read
+    assert any(p.field == "height/width" for p in problems(shapes, "error"))
 
 
 def test_image_with_no_segments(shapes):
@@ -182,7 +201,8 @@ def test_image_with_no_segments(shapes):
     s = panoptic(shapes)[1]
     assert s["labels"].shape == (0,) and s["masks"].shape == (0, 48, 48)
     cfg = get_config("shapes_tiny", [f"data.root={shapes}"])
-    assert len(build_dataset(cfg, "val", train=True)) == 1  # filtered out for training
+    n_val = len(build_dataset(cfg, "val", train=False))
+    assert len(build_dataset(cfg, "val", train=True)) == n_val  # panoptic: kept, as detectron2
     assert any("no (non-crowd) segments" in p.message for p in problems(shapes, "warning"))
 
 
@@ -212,14 +232,15 @@ def test_image_and_annotation_sizes_must_agree(shapes):
     Image.open(shapes / "images" / "val" / "000000.png").resize((40, 48)).save(
         shapes / "images" / "val" / "000000.png"
     )
+    edit_json(shapes / "panoptic_val.json", lambda d: d["images"][0].update(width=40))
     with pytest.raises(
         DatasetError, match=r"000000\.png: image is 48x40 but its annotation has another size"
     ):
-        panoptic(shapes)[0]
+        panoptic(shapes)[0]  # the JSON agrees with the image, the PNG does not
     assert any(p.field == "height/width" for p in problems(shapes, "error"))
 
 
-def test_masks_emptied_by_augmentation_are_dropped(tmp_path):
+def test_masks_emptied_by_augmentation_are_kept_except_by_coco_instance_lsj(tmp_path):
     pan = np.full((64, 64), 100, dtype=np.int64)
     pan[10, 10] = 5  # a 1-pixel segment: gone once the image is shrunk
     pan[30:50, 30:50] = 6
@@ -259,10 +280,19 @@ def test_masks_emptied_by_augmentation_are_dropped(tmp_path):
         transforms=tf,
     )
     assert ds.get(0, transform=False)["labels"].tolist() == [4, 0, 1]
+    emptied = 0
     for seed in range(5):
         s = ds[0, seed]
         assert s["image"].shape == (3, 32, 32)  # smaller than the crop: padded
-        assert s["masks"].flatten(1).any(1).all() and 0 not in s["labels"].tolist()
+        assert s["labels"].tolist() == [4, 0, 1]  # the official panoptic mappers keep them all
+        emptied += int(not s["masks"][1].any())
+        ds.drop_empty_masks = True  # what build_dataset sets for instance data under LSJ
+        d = ds[0, seed]
+        ds.drop_empty_masks = False
+        assert d["masks"].flatten(1).any(1).all() and len(d["labels"]) == 3 - int(
+            not s["masks"].flatten(1).any(1).all()
+        )
+    assert emptied > 0  # the 1-pixel segment did vanish in some draws
 
 
 def test_check_reports_every_problem_at_once(shapes, capsys):

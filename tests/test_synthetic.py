@@ -114,7 +114,7 @@ def test_deterministic_given_seed(tmp_path):
     b = synthetic.generate(tmp_path / "b", n_train=3, n_val=1, size=48, seed=7)
     c = synthetic.generate(tmp_path / "c", n_train=3, n_val=1, size=48, seed=8)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 4 * 3 + 2 * 2  # 4 images x 3 PNGs + 2 splits x 2 JSONs
+    assert len(files) == 4 * 3 + 2 * 2 + 1  # 4 images x 3 PNGs + 2 splits x 2 JSONs + the marker
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     img = "images/train/000000.png"

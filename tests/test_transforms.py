@@ -59,13 +59,48 @@ def test_nearest_resize_matches_pil():
         np.testing.assert_array_equal(T.nearest_resize(torch.from_numpy(lab), h, w).numpy(), ref)
 
 
-def test_bilinear_resize_is_close_to_pil():
-    img = np.array(Image.effect_mandelbrot((96, 64), (-2, -1.2, 1, 1.2), 60).convert("RGB"))
-    for h, w in [(32, 48), (128, 192)]:
-        ref = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)).astype(np.float32)
-        out = T.resize({"image": torch.from_numpy(img).permute(2, 0, 1).float()}, h, w)["image"]
-        assert out.shape == (3, h, w)
-        assert np.abs(out.permute(1, 2, 0).numpy() - ref).mean() < 2.0
+def real_sized_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A photograph-sized uint8 RGB image: smooth gradients, sharp edges and noise."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    noise = np.random.default_rng(seed).integers(0, 60, (h, w, 3))
+    smooth = np.stack([xx * 255 // w, yy * 255 // h, ((xx // 37 + yy // 23) % 2) * 150], -1)
+    return np.clip(smooth + noise, 0, 255).astype(np.uint8)  # [H, W, 3]
+
+
+@pytest.mark.parametrize(
+    "size, short, max_size",
+    [
+        ((480, 640), 800, 1333),  # a COCO image at the COCO test size: enlarged
+        ((1024, 2048), 512, 1024),  # a Cityscapes frame halved
+        ((512, 683), 512, 2048),  # ADE20K: the short side already 512, nothing to do
+        ((375, 500), 640, 2560),  # ADE20K 640 recipe
+    ],
+)
+def test_test_time_resize_is_pil_bilinear_on_uint8_as_detectron2(size, short, max_size):
+    """detectron2's ResizeShortestEdge on a uint8 image = PIL bilinear: every value equal."""
+    img = real_sized_image(*size)
+    h, w = T.shortest_edge_shape(*size, short, max_size)
+    ref = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+    sample = {"image": torch.from_numpy(img).permute(2, 0, 1).float()}
+    out = T.ResizeShortestEdge(short_edge_length=(short,), max_size=max_size)(
+        sample, torch.Generator()
+    )["image"]
+    assert out.shape == (3, h, w) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), ref)
+    if (h, w) != size:  # and a float resize (what this package did before) is not it
+        old = torch.nn.functional.interpolate(
+            sample["image"][None], (h, w), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        assert not torch.equal(old, out)
+
+
+def test_a_resize_to_the_same_size_is_the_identity():
+    """The shapes models are evaluated at their native size: nothing may change there."""
+    image = torch.from_numpy(real_sized_image(128, 128)).permute(2, 0, 1).float()
+    sample = {"image": image, "sem_seg": torch.zeros(128, 128, dtype=torch.long)}
+    out = T.ResizeShortestEdge(short_edge_length=(128,), max_size=128)(sample, torch.Generator())
+    assert out is sample
+    assert T.resize(sample, 128, 128) is sample
 
 
 def test_flip_is_exact():

@@ -2,7 +2,14 @@ import numpy as np
 import torch
 
 from m2f_lite.data.meta import DatasetMeta
-from m2f_lite.viz import boundaries, draw_instances, draw_panoptic, draw_semantic, to_uint8_image
+from m2f_lite.viz import (
+    boundaries,
+    draw_instances,
+    draw_panoptic,
+    draw_semantic,
+    place_label,
+    to_uint8_image,
+)
 
 META = DatasetMeta(
     name="toy",
@@ -59,3 +66,31 @@ def test_semantic_overlay_takes_scores_or_ids():
     a = draw_semantic(image, scores, META, alpha=1.0, labels=["", ""])
     b = draw_semantic(image, scores.argmax(0), META, alpha=1.0, labels=["", ""])
     assert np.array_equal(a, b) and tuple(a[0, 0]) == (0, 0, 255)
+
+
+def test_labels_stay_inside_the_image_and_do_not_cover_each_other():
+    extent = (-12, -4, 12, 4)  # a label box 25 x 9 around its anchor
+    edge = np.zeros((32, 32), dtype=bool)
+    edge[0:3, 29:32] = True  # a small shape in the top right corner
+    x, y = place_label(edge, extent)
+    assert (x + extent[0], y + extent[1]) >= (0, 0) and (x + extent[2], y + extent[3]) <= (31, 31)
+    assert (x, y) == (31 - 12, 4)  # moved left and down just enough
+    shape = np.zeros((32, 32), dtype=bool)
+    shape[10:20, 10:20] = True
+    first = place_label(shape, extent)
+    box = (first[0] - 12, first[1] - 4, first[0] + 12, first[1] + 4)
+    second = place_label(shape, extent, [box])  # a duplicate of the same shape
+    assert second[0] == first[0] and abs(second[1] - first[1]) >= 9  # a whole label height away
+
+
+def test_drawn_labels_of_duplicates_are_both_readable():
+    image = np.full((64, 64, 3), 128, dtype=np.uint8)
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[:, 20:40, 20:40] = True  # two queries on one shape
+
+    def label_rows(n: int) -> int:  # rows holding a label's black box
+        scores = np.array([0.9, 0.8][:n])
+        out = draw_instances(image, masks[:n], np.zeros(n), scores, META, alpha=0.0)
+        return int((out == 0).all(-1).any(1).sum())
+
+    assert label_rows(2) == 2 * label_rows(1) > 0  # one above the other, not on top

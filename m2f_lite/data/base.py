@@ -16,7 +16,10 @@ A reader implements ``__len__`` and ``load(index)``, returning the image as uint
 
 following the official mappers: one target per non-crowd segment (panoptic), per non-crowd
 instance (instance) or per class present (semantic: a class is one segment). Crowd regions and
-void are never targets. A mask left empty by augmentation (cropped away) is dropped.
+void are never targets. A mask left empty by augmentation (cropped away) stays a target, as the
+official panoptic and instance mappers keep it (it counts in ``num_masks`` and is matched with an
+all-zero mask); only COCO's instance LSJ mapper drops it (``filter_empty_instances``):
+``drop_empty_masks``, which ``m2f_lite.data.build`` sets for instance data under LSJ training.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Base class of the readers; subclasses set ``self.meta``, ``self.task`` and implement ``load``."""
 
     task: str  # "panoptic" | "instance" | "semantic"
+    # drop targets whose mask is empty after augmentation: detectron2's filter_empty_instances,
+    # which only coco_instance_new_baseline_dataset_mapper (COCO instance LSJ) calls
+    drop_empty_masks: bool = False
 
     def __init__(self, *, meta: DatasetMeta, transforms=None, ignore_label: int = 255):
         self.meta = meta
@@ -83,9 +89,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             gen = generator if generator is not None else torch.Generator().manual_seed(index)
             sample = self.transforms(sample, gen)
         labels, masks = self._targets(sample, segments)
-        # drop masks that are empty: cropped away by augmentation, or absent from the file
-        nonempty = masks.flatten(1).any(1)  # [N]
-        sample["labels"], sample["masks"] = labels[nonempty], masks[nonempty]
+        if self.drop_empty_masks:  # COCO instance LSJ only; the other mappers keep empty masks
+            nonempty = masks.flatten(1).any(1)  # [N]
+            labels, masks = labels[nonempty], masks[nonempty]
+        sample["labels"], sample["masks"] = labels, masks
         sample.update(
             image_id=raw["image_id"],
             file_name=str(raw["file_name"]),
@@ -106,7 +113,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
             seg_ids = torch.tensor([s[0] for s in raw["segments"]], dtype=torch.long)  # [S]
             seg_cls = torch.tensor([s[1] for s in raw["segments"]], dtype=torch.long)  # [S]
             crowd = torch.tensor([s[2] for s in raw["segments"]], dtype=torch.bool)  # [S]
-            sem = panoptic_to_semantic(sample["pan_seg"], seg_ids, seg_cls, self.ignore_label)
+            index = segment_index(sample["pan_seg"], seg_ids)  # [H, W], -1 = no segment
+            check_segment_ids(
+                sample["pan_seg"], index, seg_ids, raw.get("pan_file", raw["file_name"])
+            )
+            sem = torch.full_like(index, self.ignore_label)
+            sem[index >= 0] = seg_cls[index[index >= 0]]
             sample["sem_seg"] = sem  # [H, W]
             segments = (seg_ids[~crowd], seg_cls[~crowd])
         elif self.task == "instance":
@@ -134,19 +146,49 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return labels, sem[None] == labels[:, None, None]  # [N, H, W]: a class is one segment
 
 
+def segment_index(pan: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+    """For every pixel of a segment-id map ``pan`` ``[H, W]``, the position of its id in
+    ``seg_ids`` ``[S]``; ``-1`` where the id is not among them (void 0, or an unknown id)."""
+    index = torch.full_like(pan, -1)
+    if len(seg_ids) == 0:
+        return index
+    order = torch.argsort(seg_ids)
+    sorted_ids = seg_ids[order]
+    pos = torch.searchsorted(sorted_ids, pan).clamp_(max=len(sorted_ids) - 1)  # [H, W]
+    hit = sorted_ids[pos] == pan
+    index[hit] = order[pos[hit]]
+    return index
+
+
+def check_segment_ids(pan: torch.Tensor, index: torch.Tensor, seg_ids: torch.Tensor, file) -> None:
+    """Refuse a panoptic PNG whose segment ids and its JSON ``segments_info`` disagree: an id
+    in the PNG but not in the JSON (its pixels would silently become void), or one in the JSON
+    but not in the PNG (a target with an empty mask). ``index`` is :func:`segment_index`'s map;
+    the check reuses it, so it costs two passes over the pixels, no sort."""
+    unknown = (index < 0) & (pan != 0)  # [H, W]
+    if unknown.any():
+        ids = torch.unique(pan[unknown])[:10].tolist()
+        raise DatasetError(
+            f"segment ids {ids} are in the PNG but not in the JSON's segments_info", file=file
+        )
+    present = torch.zeros(len(seg_ids), dtype=torch.bool)
+    present[index[index >= 0]] = True
+    if not present.all():
+        ids = seg_ids[~present][:10].tolist()
+        raise DatasetError(
+            f"segment ids {ids} are in the JSON's segments_info but not in the PNG (0 px)",
+            file=file,
+        )
+
+
 def panoptic_to_semantic(
     pan: torch.Tensor, seg_ids: torch.Tensor, seg_cls: torch.Tensor, ignore_label: int = 255
 ) -> torch.Tensor:
     """Class map ``[H, W]`` from a segment-id map: each segment's pixels take its class (crowd
     included, as the official ``panoptic_semseg`` files), void and unknown ids become ``ignore_label``."""
+    index = segment_index(pan, seg_ids)  # [H, W]
     sem = torch.full_like(pan, ignore_label)
-    if len(seg_ids) == 0:
-        return sem
-    order = torch.argsort(seg_ids)
-    sorted_ids = seg_ids[order]
-    pos = torch.searchsorted(sorted_ids, pan).clamp_(max=len(sorted_ids) - 1)  # [H, W]
-    hit = sorted_ids[pos] == pan
-    sem[hit] = seg_cls[order][pos[hit]]
+    sem[index >= 0] = seg_cls[index[index >= 0]]
     return sem
 
 

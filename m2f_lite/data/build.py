@@ -101,8 +101,11 @@ def _coco_split(split: str) -> str:
 
 def build_dataset(cfg, split: str, *, train: bool):
     """The dataset ``cfg.data.dataset`` of ``split`` under ``cfg.data.root``, with the training
-    augmentation (``train=True``, empty images filtered if ``data.filter_empty``) or the test-time
-    resize. Refuses a config whose ``model.num_classes`` differs from the dataset's class count."""
+    augmentation (``train=True``) or the test-time resize. As detectron2, ``data.filter_empty``
+    drops training images without a non-crowd instance from *instance* data only (its
+    ``filter_images_with_only_crowd_annotations`` runs on records with ``annotations``; panoptic
+    and semantic records have none), and only the COCO instance LSJ mapper drops the targets
+    that augmentation emptied (``drop_empty_masks``). Refuses a config whose ``model.num_classes`` differs from the dataset's class count."""
     data = cfg.data
     name, root = data.dataset, Path(data.root)
     tf = build_transforms(data, train=train)
@@ -117,7 +120,6 @@ def build_dataset(cfg, split: str, *, train: bool):
             panoptic_root=root / f"panoptic_{s}",
             meta=coco_panoptic_meta(),
             transforms=tf,
-            filter_empty=fe,
         )
     elif name == "coco_instance":
         from m2f_lite.data.coco_instance import COCOInstanceDataset, coco_instance_meta
@@ -136,7 +138,7 @@ def build_dataset(cfg, split: str, *, train: bool):
         if name == "ade20k_semantic":
             ds = ade20k.ade20k_semantic(root, split, transforms=tf)
         else:
-            ds = ade20k.ade20k_panoptic(root, split, transforms=tf, filter_empty=fe)
+            ds = ade20k.ade20k_panoptic(root, split, transforms=tf)
     elif name.startswith("cityscapes_"):
         from m2f_lite.data import cityscapes
 
@@ -145,7 +147,7 @@ def build_dataset(cfg, split: str, *, train: bool):
         elif name == "cityscapes_instance":
             ds = cityscapes.CityscapesInstanceDataset(root=root, split=split, transforms=tf)
         elif name == "cityscapes_panoptic":
-            ds = cityscapes.cityscapes_panoptic(root, split, transforms=tf, filter_empty=fe)
+            ds = cityscapes.cityscapes_panoptic(root, split, transforms=tf)
         else:
             raise ValueError(f"data.dataset={name!r}: expected one of {', '.join(DATASETS)}")
     elif name == "coco_custom" or name in ("shapes", "shapes_instance", "shapes_semantic"):
@@ -159,9 +161,11 @@ def build_dataset(cfg, split: str, *, train: bool):
                 name, "panoptic"
             )
             meta = _shapes_meta(task)
+        fe = fe and task == "instance"  # panoptic records are never filtered
         ds = coco_folder(root, split, task=task, meta=meta, transforms=tf, filter_empty=fe)
     else:
         raise ValueError(f"data.dataset={name!r}: expected one of {', '.join(DATASETS)}")
+    ds.drop_empty_masks = train and data.mapper == "lsj" and ds.task == "instance"
     if cfg.model.num_classes != ds.meta.num_classes:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but dataset {name!r} has {ds.meta.num_classes} classes"
@@ -203,7 +207,9 @@ def dataset_meta(name: str) -> DatasetMeta:
         "shapes_instance": lambda: _shapes_meta("instance"),
     }
     if name not in known:
-        raise ValueError(f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)")
+        raise ValueError(
+            f"no built-in class list for dataset {name!r}: use a checkpoint trained by m2f-lite (it stores its classes)"
+        )
     return known[name]()
 
 

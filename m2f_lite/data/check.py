@@ -143,6 +143,8 @@ def _categories(data: dict, path: Path, report: Report) -> dict:
 
 
 def _images(data: dict, path: Path, report: Report) -> dict:
+    if not data["images"]:  # training would have nothing to draw, evaluation nothing to score
+        report.error(path, "images", "no images: the split is empty")
     images = {}
     for i, im in enumerate(data["images"]):
         missing = [k for k in ("id", "file_name") if not isinstance(im, dict) or k not in im]
@@ -288,6 +290,8 @@ def check_semantic(
             report.error(d, "", "missing folder")
             return
     images = sorted(p for p in image_dir.iterdir() if p.suffix in IMAGE_EXTENSIONS)[:limit]
+    if not images:
+        report.error(image_dir, "", "no images: the split is empty")
     stems = {p.stem for p in images}
     for label in sorted(label_dir.glob("*.png")):
         if label.stem not in stems and limit is None:

@@ -92,13 +92,15 @@ def cityscapes_semantic(root: str | Path, split: str, *, transforms=None) -> Sem
     root = Path(root)
     images = find_images(root, split)
     pairs = [(img, _gt(root, split, stem, "labelIds")) for img, stem in images]
-    return SemanticDataset(
+    dataset = SemanticDataset(
         pairs=pairs,
         meta=cityscapes_meta(),
         transforms=transforms,
         label_map=label_id_to_train_id(),
         image_ids=[stem for _, stem in images],
     )
+    dataset.cityscapes_gt_dir = root / "gtFine" / split  # the benchmark's evaluation reads it
+    return dataset
 
 
 class CityscapesInstanceDataset(SegmentationDataset):
@@ -109,6 +111,7 @@ class CityscapesInstanceDataset(SegmentationDataset):
     def __init__(self, *, root: str | Path, split: str, transforms=None):
         super().__init__(meta=cityscapes_instance_meta(), transforms=transforms)
         self.root, self.split = Path(root), split
+        self.cityscapes_gt_dir = self.root / "gtFine" / split  # the benchmark's evaluation reads it
         self.images = find_images(self.root, split)
         self._label = {lb[1]: lb for lb in CITYSCAPES_LABELS}
         self._to_contiguous = {d: k for k, d in enumerate(self.meta.dataset_ids)}
@@ -151,7 +154,7 @@ def cityscapes_panoptic(
 ) -> COCOPanopticDataset:
     """The ``gtFine/cityscapes_panoptic_{split}`` files (``m2f-lite data prepare cityscapes``)."""
     root = Path(root)
-    return COCOPanopticDataset(
+    dataset = COCOPanopticDataset(
         image_root=root / "leftImg8bit" / split,
         panoptic_json=root / "gtFine" / f"cityscapes_panoptic_{split}.json",
         panoptic_root=root / "gtFine" / f"cityscapes_panoptic_{split}",
@@ -160,6 +163,8 @@ def cityscapes_panoptic(
         filter_empty=filter_empty,
         image_file=functools.partial(_image_of_entry, root / "leftImg8bit" / split),
     )
+    dataset.cityscapes_gt_dir = root / "gtFine" / split  # the benchmark's evaluation reads it
+    return dataset
 
 
 def _image_of_entry(image_dir: Path, entry: dict) -> Path:

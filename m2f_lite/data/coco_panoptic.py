@@ -11,9 +11,9 @@ Folder layout (``m2f-lite data download coco`` + ``prepare coco`` make it)::
 The same reader serves every dataset stored in this format (ADE20K panoptic, Cityscapes panoptic,
 the synthetic shapes, your own data): give it the JSON, the PNG folder, the image folder and a
 :class:`DatasetMeta` whose ``dataset_ids`` are the JSON's category ids. Each segment in
-``segments_info`` becomes one target (crowd segments excluded); a JSON segment missing from the PNG
-yields an empty mask and is dropped; PNG ids absent from the JSON count as void
-(``m2f-lite data check`` reports both).
+``segments_info`` becomes one target (crowd segments excluded). A segment id in the JSON but not in
+the PNG, or the reverse, and an image whose size differs from the JSON's ``height``/``width``, are
+refused with a :class:`DatasetError` naming the file, as ``m2f-lite data check`` reports them.
 """
 
 from __future__ import annotations
@@ -97,9 +97,18 @@ class COCOPanopticDataset(SegmentationDataset):
         r = self.records[index]
         im = r["image"]
         image_path = self._image_file(im) if self._image_file else self.image_root / im["file_name"]
+        image = read_image(image_path)
+        if "height" in im and "width" in im and image.shape[:2] != (im["height"], im["width"]):
+            raise DatasetError(
+                f"image is {image.shape[0]}x{image.shape[1]} but {self.panoptic_json} says "
+                f"{im['height']}x{im['width']}",
+                file=image_path,
+                field="height/width",
+            )
         return {
-            "image": read_image(image_path),
+            "image": image,
             "pan_seg": read_panoptic_png(self.panoptic_root / r["png"]),
+            "pan_file": self.panoptic_root / r["png"],  # named by the segment id checks
             "segments": r["segments"],
             "image_id": r["image_id"],
             "file_name": image_path,

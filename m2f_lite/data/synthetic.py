@@ -50,6 +50,9 @@ COLORS = (
     (60, 180, 75),
     (0, 90, 120),
 )
+# written first into every folder `generate` fills: the CLI makes shapes data on first use only in
+# an empty folder or one that holds this file, never over somebody's own dataset
+MARKER = ".m2f_lite_shapes"
 MIN_AREA = 12  # a shape left with fewer visible pixels is not annotated: its pixels become void
 SPLITS = {"train": 0, "val": 1}
 
@@ -283,18 +286,24 @@ def write_split(out: Path, split: str, n: int, *, size: int, seed: int) -> None:
     panoptic = {"info": info, "images": images, "annotations": pan_annos, "categories": pan_cats}
     instances = {"info": info, "images": images, "annotations": ins_annos, "categories": ins_cats}
     atomic_write_bytes(out / f"panoptic_{split}.json", json.dumps(panoptic).encode(), durable=False)
-    atomic_write_bytes(out / f"instances_{split}.json", json.dumps(instances).encode(), durable=False)
+    atomic_write_bytes(
+        out / f"instances_{split}.json", json.dumps(instances).encode(), durable=False
+    )
 
 
 def generate(
     out: str | Path, *, n_train: int = 500, n_val: int = 100, size: int = 128, seed: int = 0
 ) -> Path:
-    """Write the train and val splits under ``out``; returns ``out`` as a ``Path``."""
+    """Write the train and val splits under ``out`` (and the :data:`MARKER` file, first); returns
+    ``out`` as a ``Path``."""
     if size < 16:
         raise ValueError(f"size={size}: the shapes need at least 16 x 16 pixels")
     if n_train < 0 or n_val < 0:
         raise ValueError(f"n_train={n_train}, n_val={n_val}: expected counts >= 0")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+    (out / MARKER).write_text(json.dumps({"generator": "m2f_lite.data.synthetic", **args}) + "\n")
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(out, split, n, size=size, seed=seed)
     return out

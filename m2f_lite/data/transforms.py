@@ -2,7 +2,9 @@
 
 A transform takes a sample dict and a ``torch.Generator`` and returns the transformed dict. Keys:
 
-- ``"image"``: float ``[3, H, W]``, RGB 0..255 (bilinear resize, padded with 128);
+- ``"image"``: float ``[3, H, W]``, RGB 0..255 with integer values, as the uint8 image read from
+  disk (resized as detectron2 resizes a uint8 image: PIL's bilinear, rounded to uint8; padded with
+  128);
 - ``"sem_seg"``: long ``[H, W]`` class map (nearest resize, padded with the ignore label 255);
 - ``"pan_seg"``: long ``[H, W]`` panoptic segment ids (nearest, padded with 0 = void);
 - ``"masks"``: bool ``[N, H, W]`` instance masks (nearest, padded with False).
@@ -22,8 +24,10 @@ They follow detectron2's ``augmentation_impl.py`` (sizes, rounding, crop offsets
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 Sample = (
     dict  # {"image": [3, H, W], optional "sem_seg" [H, W], "pan_seg" [H, W], "masks" [N, H, W]}
@@ -56,15 +60,22 @@ def nearest_resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., rows[:, None], cols[None, :]]  # [..., h, w]
 
 
+def bilinear_resize_uint8(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """detectron2's ``ResizeTransform.apply_image`` for a uint8 image (every mapper reads uint8):
+    ``Image.fromarray(img).resize((w, h), Image.BILINEAR)``. PIL's bilinear widens its filter when
+    shrinking (antialiasing) and rounds to uint8; a float resize differs by up to a few levels."""
+    pixels = image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()  # [H, W, 3]
+    resized = Image.fromarray(pixels.numpy()).resize((w, h), Image.BILINEAR)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()  # [3, h, w]
+
+
 def resize(sample: Sample, h: int, w: int) -> Sample:
-    """Resize everything to ``h x w``: bilinear (antialiased, as PIL) for the image, nearest for labels."""
+    """Resize everything to ``h x w`` as detectron2: the image by PIL's bilinear on uint8
+    (:func:`bilinear_resize_uint8`), labels by nearest. The same size returns the sample as is."""
     if (h, w) == size_of(sample):
         return sample
     out = dict(sample)
-    img = sample["image"][None]  # [1, 3, H, W]
-    out["image"] = F.interpolate(img, (h, w), mode="bilinear", align_corners=False, antialias=True)[
-        0
-    ]
+    out["image"] = bilinear_resize_uint8(sample["image"], h, w)
     for k in LABEL_KEYS:
         if k in sample:
             out[k] = nearest_resize(sample[k], h, w)

@@ -2,7 +2,7 @@
 
 Each ``check_exN(answer)`` returns None when the answer is right and raises an ``AssertionError``
 whose message says what was wrong and gives a hint. The expected answers come from the package:
-the key table of ``m2f_lite.convert``, the presets and the model zoo.
+the key table of ``m2f_lite.weights.detectron2``, the presets and the model zoo.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 
 from m2f_lite.config import get_config
-from m2f_lite.convert import DETECTRON2_HEAD, rename_key
+from m2f_lite.weights.detectron2 import DETECTRON2_HEAD, rename_key
 
 COCO_TRAIN_IMAGES = 118287  # train2017 (instances and panoptic alike)
 
@@ -73,7 +73,7 @@ def check_ex2(answer: dict[str, str]) -> None:
         got = answer[key]
         if got == want:
             continue
-        hint = "look it up in m2f_lite.convert.DETECTRON2_HEAD (ours, theirs)"
+        hint = "look it up in m2f_lite.weights.detectron2.DETECTRON2_HEAD (ours, theirs)"
         if "adapter_" in key or "layer_" in key:
             hint = (
                 "the official adapter_{i+1}/layer_{i+1} count from 1 and from the finest level "

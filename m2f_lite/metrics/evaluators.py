@@ -13,11 +13,10 @@ Which evaluator for which benchmark (what the official Mask2Former configs use):
   thing classes (AP) and :class:`SemSegEvaluator` when the semantic ground truth is available.
 * COCO instance: :class:`COCOInstanceEvaluator`.
 * ADE20K semantic: :class:`SemSegEvaluator` (150 classes, 255 = ignore).
-* Cityscapes: semantic is :class:`SemSegEvaluator` on the 19 train ids; panoptic is
-  :class:`COCOPanopticEvaluator` on ``cityscapes_panoptic_val.json`` (the same file format);
-  instance is :class:`COCOInstanceEvaluator` on a COCO-format json made from the Cityscapes
-  ground truth. The official numbers come from cityscapesscripts' instance evaluation, whose
-  matching and averaging differ slightly from COCO's: a documented approximation.
+* Cityscapes: instance AP and mIoU by the benchmark's own ``cityscapesscripts``, as the
+  official ``train_net.py`` (:mod:`m2f_lite.metrics.cityscapes`, chosen by
+  ``m2f_lite.evaluation``); panoptic is :class:`COCOPanopticEvaluator` on
+  ``cityscapes_panoptic_val.json`` (the same file format), as the official code too.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2f_lite.data.files import DatasetError
 from m2f_lite.data.meta import DatasetMeta
 from m2f_lite.metrics.coco_ap import evaluate_coco_instances, instances_to_coco_results, load_coco
 from m2f_lite.metrics.miou import SemSegMetric
@@ -114,6 +114,18 @@ class COCOInstanceEvaluator:
         self.coco_gt = load_coco(gt_json)
         self.categories = set(self.coco_gt.getCatIds())
         self.processed_only = processed_only
+        self.source = (
+            gt_json if isinstance(gt_json, (str, os.PathLike)) else "instances ground truth"
+        )
+        # pycocotools silently ignores an annotation of an unknown category: refuse it instead
+        known = self.categories & set(meta.dataset_ids)
+        for i, ann in enumerate(self.coco_gt.dataset.get("annotations", [])):
+            if ann.get("category_id") not in known:
+                raise DatasetError(
+                    f"unknown category id {ann.get('category_id')} (known: {sorted(known)})",
+                    file=self.source,
+                    field=f"annotations[{i}].category_id",
+                )
         self.reset()
 
     def reset(self) -> None:
@@ -124,9 +136,24 @@ class COCOInstanceEvaluator:
         for sample, output in zip(inputs, outputs):
             image_id = _require(sample, "image_id", "COCOInstanceEvaluator")
             instances = _require(output, "instances", "COCOInstanceEvaluator")
+            self._check_image(image_id, sample)
             results = instances_to_coco_results(instances, image_id, self.meta.dataset_ids)
             self.results.extend(r for r in results if r["category_id"] in self.categories)
             self.image_ids.append(image_id)
+
+    def _check_image(self, image_id: Any, sample: dict) -> None:
+        """The ground truth has this image, at the size the image file has (``orig_size``)."""
+        im = self.coco_gt.imgs.get(image_id)
+        if im is None:
+            raise DatasetError(f"image_id {image_id!r} is not in images", file=self.source)
+        size = sample.get("orig_size")
+        if size is not None and (im.get("height"), im.get("width")) != tuple(size):
+            raise DatasetError(
+                f"image {sample.get('file_name', image_id)} is {size[0]}x{size[1]} but the "
+                f"JSON says {im.get('height')}x{im.get('width')}",
+                file=self.source,
+                field=f"images[id={image_id}].height/width",
+            )
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         gathered, main = _gather((self.results, self.image_ids))

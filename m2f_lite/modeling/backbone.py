@@ -158,8 +158,11 @@ class Backbone(nn.Module):
         name: a key of :data:`BACKBONES` (kept for the weight converters).
         arch: the architecture keywords for timm (the entry's ``arch`` plus any overrides).
         norm: the ResNet's normalisation: ``"frozen_bn"`` (detectron2's default ``FrozenBN``, for
-            fine-tuning ImageNet weights, as every official recipe) or ``"bn"`` (trainable
-            BatchNorm, for training from scratch, e.g. the tiny CPU recipe). Swin ignores it.
+            fine-tuning ImageNet weights, as most official recipes), ``"bn"`` (trainable
+            BatchNorm, for training from scratch, e.g. the tiny CPU recipe) or ``"syncbn"``
+            (``MODEL.RESNETS.NORM: "SyncBN"`` of the Cityscapes and ADE20K R101 recipes: trainable
+            BatchNorm here, which the training loop turns into ``nn.SyncBatchNorm`` under DDP on
+            GPUs, so the statistics are those of the global batch). Swin ignores it.
         drop_path_rate: stochastic depth of the Swin blocks (``MODEL.SWIN.DROP_PATH_RATE``, 0.3 in
             the official Swin configs), increasing linearly over the blocks; ResNets ignore it.
         channels_last: feed the ResNet its input in channels-last memory format, which every
@@ -184,8 +187,8 @@ class Backbone(nn.Module):
         channels_last: bool | None = None,
     ) -> None:
         super().__init__()
-        if norm not in ("frozen_bn", "bn"):
-            raise ValueError(f"Backbone norm={norm!r}: expected 'frozen_bn' or 'bn'")
+        if norm not in ("frozen_bn", "bn", "syncbn"):
+            raise ValueError(f"Backbone norm={norm!r}: expected 'frozen_bn', 'bn' or 'syncbn'")
         self.name = name
         self.norm = norm
         self.family = backbone_family(name)
@@ -200,7 +203,7 @@ class Backbone(nn.Module):
                 out_indices=(1, 2, 3, 4),
                 # timm zero-initialises each block's last BN scale; frozen at 0 it would switch the
                 # residual branches off for good when no pretrained weights are loaded
-                zero_init_last=norm == "bn",
+                zero_init_last=norm != "frozen_bn",
                 **self.arch,
             )
             # frozen: every BatchNorm2d -> FrozenBatchNorm2d (weight, bias, statistics are buffers)
@@ -269,7 +272,7 @@ def build_backbone(
     The keys are those of the entry's ``arch``: ResNet ``layers``, ``channels`` (bottleneck
     widths; bottleneck outputs are 4× wider; the stem stays 64 wide); Swin ``embed_dim``,
     ``depths``, ``num_heads``, ``window_size``, ``mlp_ratio``. Pretrained weights are loaded
-    separately, by :func:`load_pretrained_backbone`.
+    separately, by ``m2f_lite.weights.backbone.load_pretrained_backbone``.
     """
     backbone_family(name)  # a clear error for an unknown name
     allowed = BACKBONES[name]["arch"]
@@ -285,47 +288,3 @@ def build_backbone(
     )
     backbone.freeze(freeze_at)
     return backbone
-
-
-def load_pretrained_backbone(backbone: Backbone, path: str) -> None:
-    """Load ImageNet (or backbone) weights from the local file ``path`` into ``backbone``, in place.
-
-    Accepted: timm/torchvision state dicts (``.pth``, ``.pt``, ``.bin``, ``.safetensors``), official
-    Swin checkpoints (``.pth`` with original key names), detectron2 pickles (``R-50.pkl``: numpy
-    arrays, read with a restricted unpickler) and full Mask2Former checkpoints (the ``backbone.``
-    part). Classifier weights are ignored; the Swin output norms ``norm0..3`` may be absent (ImageNet
-    checkpoints lack them, the official code starts them at identity too). Any other missing,
-    unexpected or mis-shaped key raises a ``ValueError`` naming the keys and the file.
-    """
-    from m2f_lite import convert_backbone  # the key maps import this module
-
-    state = convert_backbone.to_backbone_state_dict(
-        convert_backbone.read_state_dict(path), backbone.name
-    )
-    own = backbone.state_dict()
-    output_norms = {f"body.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
-    optional = output_norms if backbone.family == "swin" else set()
-    # trainable BatchNorms count their updates; ImageNet and detectron2 files need not carry that
-    optional |= {k for k in own if k.endswith("num_batches_tracked")}
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{path}: weights do not fit backbone {backbone.name!r} ({backbone.arch})"]
-        for title, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if keys:
-                lines.append(
-                    f"  {title} ({len(keys)}): "
-                    + ", ".join(keys[:20])
-                    + (" ..." if len(keys) > 20 else "")
-                )
-        raise ValueError("\n".join(lines))
-    backbone.load_state_dict(state, strict=False)

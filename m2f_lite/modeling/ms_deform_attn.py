@@ -48,7 +48,8 @@ def ms_deform_attn_reference(
     """
     B, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    # plain ints from a tensor; a list is kept as it is (torch.export's symbolic sizes stay symbolic)
+    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes
     value_list = value.split([h * w for h, w in shapes], dim=1)
     sampling_grids = 2 * sampling_locations - 1  # [0, 1] -> [-1, 1], grid_sample's coordinates
     sampled = []
@@ -312,11 +313,15 @@ class MSDeformAttn(nn.Module):
         )
         # (W_l, H_l) of each level, to turn pixel offsets into [0, 1] map coordinates; it and the
         # reference points are spelled out over the points (shape [.., L, P, 2], contiguous) so that
-        # the broadcasts below run over whole rows of L·P·2 numbers (same values as broadcasting)
+        # the broadcasts below run over whole rows of L·P·2 numbers (same values as broadcasting).
+        # torch.full, not torch.tensor: torch.export then keeps the sizes symbolic (m2f_lite.export)
+        sizes = [
+            torch.full((), s, dtype=query.dtype, device=query.device)
+            for h, w in spatial_shapes
+            for s in (w, h)
+        ]
         normalizer = (
-            torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-            )
+            torch.stack(sizes)  # [2L]: W_0, H_0, W_1, H_1, ...
             .view(L, 1, 2)
             .expand(L, P, 2)
             .contiguous()

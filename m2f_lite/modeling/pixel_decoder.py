@@ -100,12 +100,14 @@ def encoder_reference_points(
 
     Pixel (i, j) of an H×W level sits at ((j + 0.5) / W, (i + 0.5) / H). No image padding is masked
     (the official model never passes a padding mask), so the same point is used on all levels.
+    The centres are ``arange(n) + 0.5``: the official ``linspace(0.5, n - 0.5, n)``'s values exactly,
+    in a form that ``torch.export`` keeps symbolic in ``n`` (``m2f_lite.export``).
     """
     points = []
     for h, w in spatial_shapes:
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h,
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w,
+            (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h,
+            (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w,
             indexing="ij",
         )
         points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))  # [H_l*W_l, 2]

@@ -13,26 +13,23 @@ other spellings of the same tensors exist:
   ``Mask2FormerForUniversalSegmentation`` under ``model.pixel_level_module.encoder.``), whose Swin
   attention has separate q/k/v projections where timm and the official code have one ``qkv``.
 
-The model-level ``convert.py`` builds on these maps. Values may be numpy arrays (detectron2's
+The model-level ``m2f_lite.weights.detectron2`` and ``.transformers`` build on these maps. Values may be numpy arrays (detectron2's
 ``.pkl`` files store numpy); they come out as tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import pickle
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from timm.models.swin_transformer import get_relative_position_index
 from torch import Tensor
 
-from m2f_lite.modeling.backbone import BACKBONES, backbone_family
+from m2f_lite.modeling.backbone import BACKBONES, Backbone, backbone_family
+from m2f_lite.weights.unpickler import read_state_dict, to_tensor
 
 # A name table is a list of (theirs, ours) templates. A field ``{x}`` with a one-letter name is an
 # integer (stage, block, ...), ``{x+1}`` says that side spells it one higher; a field with a longer
@@ -65,14 +62,6 @@ def _translate(key: str, source: str, target: str) -> str | None:
     )
 
 
-def _tensor(value: Any, key: str) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, np.ndarray | np.generic):
-        return torch.from_numpy(np.array(value))  # a writable copy (pickled arrays are read-only)
-    raise TypeError(f"weight {key!r}: expected a tensor or numpy array, got {type(value).__name__}")
-
-
 def _rename(
     state: Mapping[str, Any], table: Table, *, to_ours: bool, drop: list[str], source: str
 ) -> dict[str, Tensor]:
@@ -85,7 +74,7 @@ def _rename(
         for theirs, ours in table:
             new = _translate(key, theirs, ours) if to_ours else _translate(key, ours, theirs)
             if new is not None:
-                out[new] = _tensor(value, key)
+                out[new] = to_tensor(value, key)
                 break
         else:
             unknown.append(key)
@@ -212,7 +201,8 @@ def _fuse_hf_qkv(state: Mapping[str, Any]) -> dict[str, Any]:
         out[key] = value
     for key in [k for k in out if ".attention.q_proj." in k]:
         parts = [
-            _tensor(out.pop(key.replace("q_proj", p)), key) for p in ("q_proj", "k_proj", "v_proj")
+            to_tensor(out.pop(key.replace("q_proj", p)), key)
+            for p in ("q_proj", "k_proj", "v_proj")
         ]
         out[key.replace("q_proj", "qkv")] = torch.cat(parts, dim=0)  # [3C, C] or [3C]
     return out
@@ -292,66 +282,6 @@ def backbone_name_from_hf_config(hf_backbone_config: Any) -> tuple[str, dict[str
     return name, overrides(name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-# The globals a detectron2 .pkl of numpy arrays needs; anything else (os.system, ...) is refused.
-_PICKLE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),  # numpy 1 spelling
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 spelling
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store array bytes through it
-}
-_NUMPY_CORE = "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
-
-
-class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a pickle can run any code it names, so
-    every global outside the short allow-list ``_PICKLE_GLOBALS`` is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"refusing to unpickle {module}.{name}: only numpy arrays are allowed"
-            )
-        module = re.sub(
-            r"^numpy\._?core", _NUMPY_CORE, module
-        )  # either spelling, this numpy's module
-        return getattr(importlib.import_module(module), name)
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a local file: ``.safetensors``, ``.pkl`` (detectron2, numpy arrays, read
-    with :class:`NumpyOnlyUnpickler`) or anything ``torch.load(weights_only=True)`` reads. A
-    ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path))
-    elif path.suffix == ".pkl":
-        with path.open("rb") as f:
-            try:
-                obj = NumpyOnlyUnpickler(f, encoding="latin1").load()
-            except pickle.UnpicklingError as e:
-                raise pickle.UnpicklingError(f"{path}: {e}") from e
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
-    return {k: _tensor(v, k) for k, v in obj.items()}
-
-
 def to_backbone_state_dict(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
     """Recognise the naming of ``state`` and return it with our keys: ours (``body.``), a full
     checkpoint's ``backbone.`` part, detectron2/official, or timm/torchvision classification
@@ -371,3 +301,43 @@ def to_backbone_state_dict(state: Mapping[str, Tensor], name: str) -> dict[str, 
     return _rename(
         state, [("{rest}", "body.{rest}")], to_ours=True, drop=drop, source=f"timm {family}"
     )
+
+
+def load_pretrained_backbone(backbone: Backbone, path: str) -> None:
+    """Load ImageNet (or backbone) weights from the local file ``path`` into ``backbone``, in place.
+
+    Accepted: timm/torchvision state dicts (``.pth``, ``.pt``, ``.bin``, ``.safetensors``), official
+    Swin checkpoints (``.pth`` with original key names), ``.pkl`` files (detectron2's ``R-50.pkl``
+    of numpy arrays, the official Swin conversion's torch tensors; both read without running code,
+    ``m2f_lite.weights.unpickler``) and full Mask2Former checkpoints (the ``backbone.`` part). Classifier weights are ignored; the Swin output norms ``norm0..3`` may be absent (ImageNet
+    checkpoints lack them, the official code starts them at identity too). Any other missing,
+    unexpected or mis-shaped key raises a ``ValueError`` naming the keys and the file.
+    """
+    state = to_backbone_state_dict(read_state_dict(path), backbone.name)
+    own = backbone.state_dict()
+    output_norms = {f"body.norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    optional = output_norms if backbone.family == "swin" else set()
+    # trainable BatchNorms count their updates; ImageNet and detectron2 files need not carry that
+    optional |= {k for k in own if k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{path}: weights do not fit backbone {backbone.name!r} ({backbone.arch})"]
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
+            if keys:
+                lines.append(
+                    f"  {title} ({len(keys)}): "
+                    + ", ".join(keys[:20])
+                    + (" ..." if len(keys) > 20 else "")
+                )
+        raise ValueError("\n".join(lines))
+    backbone.load_state_dict(state, strict=False)

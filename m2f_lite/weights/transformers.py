@@ -4,7 +4,7 @@ HF reimplemented the official model module by module under other names; in float
 compute the same predictions (``tests/test_parity_hf.py`` checks every stage to 1e-4). Names map
 one to one (the table below) except HF's decoder self-attention, whose separate ``q/k/v_proj``
 become ``nn.MultiheadAttention``'s packed ``in_proj``; the backbone goes through
-``m2f_lite.convert_backbone``. Where HF departs from the official code (found while writing
+``m2f_lite.weights.backbone``. Where HF departs from the official code (found while writing
 this; our modules follow the official): it does not keep the pixel decoder in float32 under
 autocast and builds its sine positions in the input's dtype; in training it drops whole decoder
 layers at random when ``dropout > 0`` (``layerdrop = dropout``) and clamps non-finite encoder
@@ -26,8 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from m2f_lite.config import Config, apply_overrides
-from m2f_lite.convert import ConversionError, ConversionReport, check_state_dict, rename_key
+from m2f_lite.modeling.backbone import build_backbone
 from m2f_lite.modeling.mask2former import Mask2Former, build_model
+from m2f_lite.weights.backbone import backbone_name_from_hf_config, hf_backbone_to_timm
+from m2f_lite.weights.keys import ConversionError, ConversionReport, check_state_dict, rename_key
 
 _LAYER = "transformer_decoder.layers.{i}."
 _HP, _HT = "model.pixel_level_module.decoder.", "model.transformer_module."
@@ -91,8 +93,6 @@ def transformers_model_fields(hf_config: Any) -> dict[str, Any]:
     learnable queries too), so ours is one less; HF, like the official code, uses one head count
     for the deformable encoder and the decoder, and 4 sampling points.
     """
-    from m2f_lite.convert_backbone import backbone_name_from_hf_config
-
     c = hf_config
     return {
         "model.backbone": backbone_name_from_hf_config(c.backbone_config)[0],
@@ -122,9 +122,6 @@ def from_transformers(hf_model: nn.Module, *, cfg: Config | None = None) -> Mask
     A backbone of non-standard widths is rebuilt as HF has it. Raises ``ConversionError`` naming
     any weight left over, missing or of the wrong shape.
     """
-    from m2f_lite.convert_backbone import backbone_name_from_hf_config, hf_backbone_to_timm
-    from m2f_lite.modeling.backbone import build_backbone
-
     cfg = apply_overrides(cfg or Config(), transformers_model_fields(hf_model.config))
     name, arch = backbone_name_from_hf_config(hf_model.config.backbone_config)
     model = build_model(cfg, backbone=build_backbone(name, **arch))

@@ -175,12 +175,12 @@ def download_weights(
 
     The download resumes and is atomic (``m2f_lite.data.download.download_file``); the file's MD5
     must start with the prefix its official name carries (MODEL_ZOO.md's integrity check). The
-    conversion is ``m2f-lite convert`` (``m2f_lite.convert.convert_main``) with the entry's
+    conversion is ``m2f-lite convert`` (``m2f_lite.weights.convert.convert_main``) with the entry's
     preset, which refuses weights that do not fit it. ``url`` replaces the entry's (a mirror, or a
     ``file://`` URL). An existing ``root/<name>.pt`` is returned as is.
     """
-    from m2f_lite.convert import convert_main
     from m2f_lite.data.download import DownloadError, download_file, md5sum
+    from m2f_lite.weights.convert import convert_main
 
     entry = name if isinstance(name, ZooEntry) else get_entry(name)
     root = Path(root)
