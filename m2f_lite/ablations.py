@@ -81,9 +81,12 @@ def run_one(label: str, seed: int, args: argparse.Namespace, threads: int) -> di
     if not (out / "model_final.pt").exists():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
         t0 = time.perf_counter()
-        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL)
-        if done.returncode != 0:  # its one-line error is on stderr, above
-            raise ValueError(f"{label}, seed {seed}: training failed (exit {done.returncode})")
+        done = subprocess.run(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        if done.returncode != 0:  # the run's own last line says why
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ValueError(f"{label}, seed {seed}: training failed ({why})")
         print(f"{label}, seed {seed}: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x]
     evals = [r for r in records if r.get("metrics")]
