@@ -18,6 +18,7 @@ export GOMP_SPINCOUNT ?= 1000
 help:
 	@echo "make book   build the book into _build/html (executes every notebook)"
 	@echo "make test   run every test: pytest, nbval over the notebooks, the strict book build"
+	@echo "make student  the student edition (no solutions, executed) and nbgrader assignments in _build/student"
 	@echo "make book-model  retrain the book's shipped model from scratch (~50 min on 2 CPU cores)"
 	@echo "make demo   train -> eval -> predict on the synthetic shapes dataset (DEMO_ARGS=--solver.max_iter=300 for a short one)"
 	@echo "make bench  speed/memory benchmarks against HF transformers (CPU, and GPU when present)"
@@ -52,11 +53,21 @@ test: $(VENV)/.dev-installed $(SHAPES)/.complete
 test-py:
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 
-test-nb:  # two kernels on two cores: one thread each
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax --nbval-current-env book
+# nbval over every chapter as Colab runs it: each notebook alone in an empty folder, m2f_lite from
+# a wheel installed into a fresh venv (tests/standalone.py); chapter 4 once more in full mode.
+# Two kernels on two cores, one thread each.
+test-nb:
+	$(PY) tests/standalone.py --jobs 2 --full book/04_pixel_decoder.ipynb
 
 test-book:
 	$(JB) build --all -W -n --keep-going .
+
+# The student edition (m2f_lite/student.py, book/instructors.md): every chapter without its solutions,
+# as notebooks and as an executed jupyter-book site, and the nbgrader source notebooks.
+.PHONY: student
+student: $(VENV)/.book-installed $(SHAPES)/.complete
+	$(PY) -m m2f_lite.student --nbgrader --out _build/student
+	$(PY) -m pytest -q -p no:cacheprovider -m student_build tests/test_student.py
 
 # The book's model ships with the package (m2f_lite/assets/shapes_book.*, m2f_lite/book_model.py):
 # nothing above trains it. This retrains it from scratch with the recorded command (fresh data and

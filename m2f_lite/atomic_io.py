@@ -89,3 +89,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """:func:`atomic_write_bytes` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+# Checked before any work (the command line): a result is never lost at the end of a long run.
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Before any work: ``path`` (a file to write) must not be a folder, and its folder must exist."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if not target.parent.is_dir():
+        kind = "not a folder" if target.parent.exists() else "no such folder"
+        raise ValueError(f"{flag} {path}: {target.parent}: {kind}")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Before any work: ``path`` (a folder to write into) must be a folder or not exist yet."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    for parent in target.parents:  # the first existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            break

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2f_lite.data import synthetic
+
 REPO_URL = "https://github.com/m2f-book/m2f-book"
-SHAPES_ARGS = {"n_train": 500, "n_val": 100, "size": 128, "seed": 0}  # the book's running example
+SHAPES_ARGS = synthetic.SHAPES_ARGS  # the book's running example: 500 + 100 images of 128²
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class BookContext:
     device: torch.device
     quick: bool
     seed: int
-    root: Path  # the repository (or, on Colab, the working directory): data/ and .cache/ live here
+    root: Path  # where data/ and .cache/ live: the clone, or a folder of the book's own (work_dir)
 
     def budget(self, *, quick, full):
         """``quick`` on CPU, ``full`` on a GPU: the one place a chapter's sizes depend on the mode."""
@@ -49,13 +51,35 @@ class BookContext:
         return path
 
 
-def find_root(start: Path | None = None) -> Path:
-    """The repository root (the folder holding ``pyproject.toml``), else the working directory."""
+def find_repository(start: Path | None = None) -> Path | None:
+    """The clone of this project that ``start`` (default: the working directory) lies in: the
+    folder holding ``pyproject.toml`` beside this package's sources. ``None`` outside one."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").exists() and (folder / "m2f_lite").is_dir():
+        if (folder / "pyproject.toml").is_file() and (folder / "m2f_lite" / "book.py").is_file():
             return folder
-    return here
+    return None
+
+
+def work_dir(start: Path | None = None) -> Path:
+    """Where a chapter writes its data and cache: ``$M2F_BOOK_DIR`` if set; else the clone it
+    runs in (the ``Makefile`` makes ``data/shapes`` there); else, for a notebook opened alone
+    (Colab), ``~/.cache/m2f_lite/book``, a folder of the book's own, never the notebook's."""
+    if os.environ.get("M2F_BOOK_DIR"):
+        return Path(os.environ["M2F_BOOK_DIR"]).expanduser().resolve()
+    repository = find_repository(start)
+    if repository is not None:
+        return repository
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache / "m2f_lite" / "book").resolve()
+
+
+def benchmark_results() -> str:
+    """The text of ``benchmarks/RESULTS.md`` (figures with their commands and machines), as the
+    installed package holds it (``m2f_lite/assets/RESULTS.md``): chapter 10 reads it on Colab."""
+    from importlib.resources import files
+
+    return (files("m2f_lite") / "assets" / "RESULTS.md").read_text(encoding="utf-8")
 
 
 def seed_everything(seed: int) -> None:
@@ -84,13 +108,27 @@ def set_figure_style() -> None:
 
 
 def ensure_shapes(root: Path) -> Path:
-    """The synthetic shapes dataset under ``root/data/shapes``, generated on first use (seconds)."""
+    """The synthetic shapes dataset under ``root/data/shapes``, generated on first use (seconds).
+
+    Generated into a temporary folder beside it and renamed into place: chapters run side by side
+    (nbval's two kernels) never read a half-written dataset, and the one that loses the race
+    uses the winner's (the same seed: the same files)."""
+    import shutil
+    import tempfile
+
     out = root / "data" / "shapes"
     if not (out / ".complete").exists():
-        from m2f_lite.data import synthetic
-
-        synthetic.generate(out, **SHAPES_ARGS)
-        (out / ".complete").touch()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".shapes-", dir=out.parent))
+        try:
+            synthetic.generate(staging / "shapes", **SHAPES_ARGS)
+            (staging / "shapes" / ".complete").touch()
+            with contextlib.suppress(OSError):  # another chapter made it first
+                (staging / "shapes").rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not (out / ".complete").exists():
+            raise FileExistsError(f"{out}: exists but is not a complete shapes dataset; remove it")
     return out
 
 
@@ -103,9 +141,11 @@ def setup(seed: int = 0, *, verbose: bool = True) -> BookContext:
     quick = mode == "quick" or (mode == "" and device.type == "cpu")
     seed_everything(seed)
     set_figure_style()
-    ctx = BookContext(device=device, quick=quick, seed=seed, root=find_root())
+    ctx = BookContext(device=device, quick=quick, seed=seed, root=work_dir())
     if verbose:
         print(f"device: {device.type} · mode: {'quick' if quick else 'full'} · seed: {seed}")
+        if find_repository() is None:  # opened alone (Colab): say where its files go
+            print(f"data and cache: {ctx.root} (set M2F_BOOK_DIR to change)")
     return ctx
 
 

@@ -99,9 +99,9 @@ def read_checkpoint_file(
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: no such checkpoint file") from e
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e})"
-        ) from e
+        from m2f_lite.weights.unpickler import _one_line  # torch's refusals run to many lines
+
+        raise CheckpointError(f"{path}: {_one_line(e)}") from e
 
 
 def is_model_checkpoint(obj: Any) -> bool:

@@ -12,6 +12,10 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
+
+from m2f_lite import atomic_io
+from m2f_lite.data import synthetic
 
 
 class UserError(Exception):
@@ -65,7 +69,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_predict, takes_overrides=True)
 
     c = sub.add_parser(
-        "convert", help="official detectron2 .pkl/.pth or an HF folder -> m2f-lite checkpoint"
+        "convert",
+        help="official detectron2 .pkl/.pth or an HF folder -> m2f-lite checkpoint "
+        "(--to transformers: the other way, to an HF folder)",
     )
     c.add_argument("src", help="official checkpoint file, or a local HF transformers model folder")
     c.add_argument("dst", help="the m2f-lite checkpoint to write (.pt)")
@@ -73,13 +79,26 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--preset", default=None, help="the preset the weights belong to (default: guessed)"
     )
+    c.add_argument(
+        "--to",
+        default="m2f-lite",
+        choices=("m2f-lite", "transformers"),
+        help="transformers: SRC is an m2f-lite checkpoint, DST the HF folder to write "
+        "(save_pretrained layout)",
+    )
     c.set_defaults(func=_cmd_convert)
 
     x = sub.add_parser("export", help="the network -> ONNX (onnxruntime) or torch.export (.pt2)")
     x.add_argument("checkpoint", help="an m2f-lite checkpoint (.pt)")
     x.add_argument("out", help="the file to write (.onnx or .pt2)")
     x.add_argument("--format", required=True, choices=("onnx", "torch-export"))
-    x.set_defaults(func=lambda a: print(_export_main(a.checkpoint, a.out, format=a.format)))
+    x.add_argument(
+        "--size",
+        metavar="HxW",
+        default=None,
+        help="a fixed input size, multiples of 32 (required for Swin); default: dynamic H, W",
+    )
+    x.set_defaults(func=_cmd_export)
 
     w = sub.add_parser(
         "weights",
@@ -88,30 +107,6 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     w.add_argument("name", help="a model zoo row = its preset name, e.g. coco_panoptic_r50")
     w.add_argument("--root", default="weights", help="folder for the weights (default: weights)")
     w.set_defaults(func=_cmd_weights)
-
-    f = sub.add_parser(
-        "eval-files", help="score prediction files on disk against ground truth files"
-    )
-    fsub = f.add_subparsers(dest="eval_task", required=True)
-    fp = fsub.add_parser("panoptic", help="COCO panoptic PNG folder + json (PQ)")
-    fp.add_argument("--gt-json", required=True)
-    fp.add_argument("--gt-dir", required=True)
-    fp.add_argument("--pred-json", required=True)
-    fp.add_argument("--pred-dir", required=True)
-    fi = fsub.add_parser("instance", help="COCO results json (mask AP)")
-    fi.add_argument("--gt-json", required=True, help="COCO instances ground truth")
-    fi.add_argument("--results", required=True, help="COCO results json (RLE segmentation, score)")
-    fs = fsub.add_parser("semantic", help="label PNG folders matched by file name (mIoU)")
-    fs.add_argument("--gt-dir", required=True)
-    fs.add_argument("--pred-dir", required=True)
-    fs.add_argument("--num-classes", type=int, required=True)
-    fs.add_argument("--ignore-label", type=int, default=255)
-    fs.add_argument("--gt-suffix", default="", help="e.g. _gtFine_labelTrainIds for Cityscapes")
-    fs.add_argument("--pred-suffix", default="")
-    fs.add_argument(
-        "--reduce-zero-label", action="store_true", help="ADE20K raw labels (0 = ignore)"
-    )
-    f.set_defaults(func=_cmd_eval_files)
 
     b = sub.add_parser(
         "bench",
@@ -135,48 +130,6 @@ def _config(name: str, overrides: list[str]):
     return get_config(name, overrides)
 
 
-def _ensure_shapes(cfg, splits: tuple[str, ...]) -> None:
-    """The synthetic shapes are made on first use (seconds), so that `train shapes_tiny` just works.
-
-    Only for a shapes dataset, and only into a folder that is absent, empty, or made by the shapes
-    generator itself (its ``synthetic.MARKER`` file): a typo in ``data.root``, a val-only folder or
-    somebody's own data is never overwritten; the error names the file that is missing instead.
-    """
-    from pathlib import Path
-
-    from m2f_lite.data import synthetic
-
-    if not cfg.data.dataset.startswith("shapes"):
-        return
-    root = Path(cfg.data.root)
-    pattern = {"shapes_instance": "instances_{}.json", "shapes_semantic": "semantic_{}"}.get(
-        cfg.data.dataset, "panoptic_{}.json"
-    )
-    missing = [root / pattern.format(s) for s in splits if not (root / pattern.format(s)).exists()]
-    if not missing:
-        return
-    ours = not root.exists() or (
-        root.is_dir() and ((root / synthetic.MARKER).is_file() or not any(root.iterdir()))
-    )
-    if not ours:
-        raise UserError(
-            f"{missing[0]}: no such file, and {root} was not made by the shapes generator (no "
-            f"{synthetic.MARKER}): not writing shapes data into it; check data.root, or make a "
-            "new folder with m2f-lite data synthetic --out DIR"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # not from several processes at once
-        raise UserError(
-            f"{root}: no shapes dataset; make it first: m2f-lite data synthetic --out {root}"
-        )
-    from m2f_lite.book import SHAPES_ARGS
-
-    print(
-        f"{root} has no shapes dataset: making it (m2f-lite data synthetic --out {root})",
-        file=sys.stderr,
-    )
-    synthetic.generate(root, **SHAPES_ARGS)
-
-
 def _print_metrics(metrics: dict, json_path: str | None = None) -> None:
     import json
 
@@ -196,16 +149,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args.preset, args.overrides)
     if args.resume and args.resume_from:
         raise UserError("give --resume or --resume-from, not both")
-    _ensure_shapes(cfg, (cfg.data.train_split, cfg.data.val_split))
+    atomic_io.check_output_dir(cfg.output_dir, "output_dir")
+    synthetic.ensure_dataset(cfg, (cfg.data.train_split, cfg.data.val_split))
     result = train(cfg, resume=args.resume_from or args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # under torchrun, process 0 reports
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, process 0 reports
     if result["interrupted"]:
-        print(
-            f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + result["interrupted"])
+        if main_process:
+            print(
+                f"stopped at iteration {result['iteration']}; saved {result['checkpoint']}; continue with --resume",
+                file=sys.stderr,
+            )
+        raise SystemExit(128 + result["interrupted"])  # every process: 130 / 143, as one process
+    if not main_process:
+        return
     if result["metrics"]:
         _print_metrics(result["metrics"])
         summary = ", ".join(f"{k} {v:.1f}" for k, v in headline(result["metrics"]).items())
@@ -216,13 +172,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from m2f_lite import checkpoint as ckpt
     from m2f_lite.config import apply_overrides
     from m2f_lite.engine import evaluate
     from m2f_lite.modeling.mask2former import build_model
 
+    atomic_io.check_output_file(args.json, "--json")  # before the evaluation, not after it
     if Path(args.model).is_file():
         if args.weights:
             raise UserError(f"{args.model} is a checkpoint: --weights is for a preset")
@@ -241,7 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         state = ckpt.load_checkpoint(weights)
     model = build_model(cfg)
     ckpt.load_model_state(model, state["model"], source=weights)
-    _ensure_shapes(cfg, (cfg.data.val_split,))
+    synthetic.ensure_dataset(cfg, (cfg.data.val_split,))
     import torch
 
     model.to("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -249,10 +205,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
-    from m2f_lite.predictor import Predictor, write_prediction
+    from m2f_lite.predictor import Predictor, register_image, write_prediction
 
+    atomic_io.check_output_dir(args.out, "--out")
     if args.device:
         import torch
 
@@ -273,12 +229,14 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             f"--task {args.task}: {args.weights} predicts {', '.join(predictor.tasks)} "
             f"(add --inference.{args.task}_on=true to predict it anyway)"
         )
-    for image_id, image in enumerate(args.images):
+    for image in args.images:
         if not Path(image).is_file():
             raise FileNotFoundError(f"image {image}: no such file")
-        result = predictor(image)
+        # only the task written, compact (label map, RLE masks): memory bounded by the image
+        result = predictor(image, tasks=(args.task,), compact=True)
+        image_id, stem = register_image(args.out, image)  # keyed by the path: stable, unique
         files = write_prediction(
-            predictor, result, args.task, args.out, stem=Path(image).stem, image_id=image_id
+            predictor, result, args.task, args.out, stem=stem, image_id=image_id
         )
         print(f"{image}: " + ", ".join(str(f) for f in files))
 
@@ -286,15 +244,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from m2f_lite.weights.convert import convert_main
 
+    if args.to == "transformers":  # m2f-lite checkpoint -> HF folder
+        from m2f_lite.weights.transformers import to_transformers_main
+
+        print(to_transformers_main(args.src, args.dst))
+        return
     report = convert_main(args.src, args.dst, source=args.source, preset=args.preset)
     print(report)
     print(f"wrote {args.dst}")
 
 
-def _export_main(checkpoint: str, out: str, *, format: str) -> str:
+def _cmd_export(args: argparse.Namespace) -> None:
     from m2f_lite.export import export_main  # the export logic lives in m2f_lite/export.py
 
-    return export_main(checkpoint, out, format=format)
+    print(export_main(args.checkpoint, args.out, format=args.format, size=args.size))
 
 
 def _cmd_weights(args: argparse.Namespace) -> None:
@@ -305,31 +268,8 @@ def _cmd_weights(args: argparse.Namespace) -> None:
     print(f"wrote {download_weights(args.name, args.root)}")  # DownloadError: _run
 
 
-def _cmd_eval_files(args: argparse.Namespace) -> None:
-    from m2f_lite.metrics import eval_files
-
-    if args.eval_task == "panoptic":
-        metrics = eval_files.evaluate_panoptic_files(
-            args.gt_json, args.gt_dir, args.pred_json, args.pred_dir
-        )
-    elif args.eval_task == "instance":
-        metrics = eval_files.evaluate_instance_files(args.gt_json, args.results)
-    else:
-        metrics = eval_files.evaluate_semantic_files(
-            args.gt_dir,
-            args.pred_dir,
-            num_classes=args.num_classes,
-            ignore_label=args.ignore_label,
-            gt_suffix=args.gt_suffix,
-            pred_suffix=args.pred_suffix,
-            reduce_zero_label=args.reduce_zero_label,
-        )
-    _print_metrics(metrics)
-
-
 def _cmd_bench(args: argparse.Namespace) -> None:
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
     if not script.is_file():
@@ -357,7 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     from m2f_lite.data.cli import add_data_commands  # the `data` group lives with the data code
 
     add_data_commands(sub)
+    from m2f_lite.metrics.eval_files import add_eval_files_command  # scores files on disk
+
+    add_eval_files_command(sub)
     _add_run(sub)
+    from m2f_lite.grade import add_grade_command  # students' notebooks, with the checks
+
+    add_grade_command(sub)
     return parser
 
 
@@ -382,6 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     return _run(lambda: args.func(args))
 
 
+def _message(e: BaseException) -> str:
+    """The error's message. One raised in a DataLoader worker comes back as "Caught DatasetError
+    in DataLoader worker process 0. Original Traceback (most recent call last): ..." (torch's
+    ``ExceptionWrapper``): its last line, less the class name, is the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "m2f_lite.data.files.DatasetError: <message>"
+        return last.split(": ", 1)[-1]
+    return text
+
+
 def _run(command) -> int:
     """Run a sub-command: errors a user can fix as one line (exit 2), Ctrl-C as exit 130."""
     from m2f_lite.data.download import DownloadError  # a download or an archive failed
@@ -389,7 +346,7 @@ def _run(command) -> int:
     try:
         command()
     except (UserError, FileNotFoundError, ValueError, DownloadError) as e:
-        print(f"m2f-lite: error: {e}", file=sys.stderr)
+        print(f"m2f-lite: error: {_message(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a non-finite loss with solver.nonfinite_loss=stop
         print(f"m2f-lite: error: {e}", file=sys.stderr)

@@ -4,7 +4,9 @@
 N copies of the program with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` set; :func:`init_runtime` reads them (``env://``), picks ``cuda:LOCAL_RANK`` when
 there is a GPU, and joins the process group: nccl on GPUs, gloo on CPUs. Without torchrun it is
-one process on ``cuda:0`` or the CPU.
+one process on ``cuda:0`` or the CPU. ``python -m m2f_lite.distributed`` takes torchrun's
+arguments and runs it, but ends a Ctrl-C or SIGTERM with exit 130/143 and one line, as one
+process does (:func:`launch`), where torchrun itself exits 1 with a traceback.
 """
 
 from __future__ import annotations
@@ -73,3 +75,42 @@ def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
     out: list[Any] = [None] * rt.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def launch(argv: list[str]) -> int:
+    """``python -m m2f_lite.distributed [torchrun options] -m m2f_lite.cli train ...``: torchrun,
+    ending a stop by signal as one process does.
+
+    torchrun itself turns a Ctrl-C or SIGTERM into exit status 1 and a traceback
+    (``SignalException``, or ``ChildFailedError`` when the workers exit 130/143 after saving),
+    although every process has saved and stopped as asked. This runs torchrun's own launcher
+    (``torch.distributed.run``) and returns 128 + the signal instead, with one line; any other
+    failure is torchrun's report, unchanged. torchrun forwards the signal to the workers and
+    waits ``--shutdown_timeout`` seconds for them to save (default 30) before killing them.
+    """
+    import signal
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except SignalException as e:  # torchrun was signalled; it stopped the workers first
+        code = 128 + int(e.sigval)
+    except ChildFailedError as e:  # the workers exited non-zero: by a signal, all of them?
+        codes = {f.exitcode for f in e.failures.values()}
+        if len(codes) != 1 or not codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
+            raise
+        code = codes.pop()
+    else:
+        return 0
+    print(f"m2f-lite: stopped by {signal.Signals(code - 128).name} (exit {code})", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(launch(sys.argv[1:]))

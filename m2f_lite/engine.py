@@ -19,8 +19,10 @@ processes, and resumable); a checkpoint every ``checkpoint_period`` steps and ``
 (``m2f_lite.checkpoint``, with every process's RNG state, so a resumed run repeats the
 uninterrupted one bit for bit on the CPU); evaluation every ``eval_period`` steps and at the end;
 a progress bar (loss, lr, it/s, ETA), ``log.jsonl`` and ``loss.png`` (``m2f_lite.train_log``).
-Ctrl-C or SIGTERM finishes the step, saves a checkpoint and returns (``result["interrupted"]`` is
-the signal number; the CLI exits with 128 + it); ``kill -9`` loses the steps since the last one.
+Ctrl-C or SIGTERM finishes the step (or the image being evaluated), saves a checkpoint and returns
+(``result["interrupted"]`` is the signal number; the CLI exits with 128 + it); ``kill -9`` loses
+the steps since the last one, and the next run removes the temporary file a killed save left.
+One run at a time holds ``output_dir`` (:class:`OutputDirLock`).
 
 Several GPUs or machines: ``torchrun --nproc_per_node=N -m m2f_lite.cli train PRESET`` (see
 ``m2f_lite.distributed``); ``solver.ims_per_batch`` stays the global batch.
@@ -58,7 +60,7 @@ from m2f_lite.criterion import build_criterion, pad_target_masks
 from m2f_lite.data.build import build_dataset, collate
 from m2f_lite.data.files import DatasetError
 from m2f_lite.distributed import Runtime, any_process, gather_objects, init_runtime
-from m2f_lite.evaluation import autocast_dtype, evaluate
+from m2f_lite.evaluation import EvaluationStopped, autocast_dtype, evaluate
 from m2f_lite.modeling.mask2former import build_model
 from m2f_lite.optim import build_lr_scheduler, build_optimizer
 from m2f_lite.sampler import build_train_loader
@@ -87,18 +89,25 @@ def seed_everything(seed: int) -> None:
 class StopOnSignal:
     """Remember a Ctrl-C (SIGINT) or SIGTERM so that the loop can finish its step and save.
 
-    A second signal raises ``KeyboardInterrupt`` at once. Outside the main thread (where Python
-    cannot install handlers) this does nothing.
+    A second signal raises ``KeyboardInterrupt`` at once, unless it comes within
+    ``REPEAT_S`` seconds of the first: under torchrun a Ctrl-C reaches every process twice (from
+    the terminal, then forwarded by torchrun's agent), which must still save. Outside the main
+    thread (where Python cannot install handlers) this does nothing.
     """
+
+    REPEAT_S = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first < self.REPEAT_S:
+                return  # the same stop, forwarded by torchrun
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         name = signal.Signals(signum).name
         print(
             f"\n{name}: finishing this step, then saving a checkpoint (again: quit without saving)",
@@ -232,6 +241,11 @@ def _train(
             raise ckpt.CheckpointError(
                 f"{path}: weights only, no training state; to start from it set weights={path}"
             )
+        if int(state["iteration"]) > s.max_iter:  # the schedule would be past its end
+            raise ValueError(
+                f"{path}: saved at iteration {state['iteration']}, beyond "
+                f"solver.max_iter={s.max_iter}; resume with solver.max_iter >= {state['iteration']}"
+            )
         allowed = ckpt.check_resume_config(ckpt.checkpoint_config(state, path), cfg, path=path)
         if allowed and rt.main:
             print(f"resuming {path} with: " + "; ".join(allowed), file=sys.stderr)
@@ -314,10 +328,21 @@ def _train(
             )
         return out / name
 
-    def run_eval(iteration: int) -> dict[str, dict[str, float]]:
+    def run_eval(iteration: int) -> dict[str, dict[str, float]] | None:
+        """The metrics; ``None`` when a Ctrl-C or SIGTERM stopped the evaluation (the caller
+        saves and stops): a signal is answered after the current image, not the whole split."""
         rng = ckpt.rng_state()  # evaluating must not change the training's random stream
-        metrics = evaluate(cfg, model, progress=rt.main and progress)
-        ckpt.set_rng_state(rng)
+        try:
+            metrics = evaluate(
+                cfg,
+                model,
+                progress=rt.main and progress,
+                stop=lambda: any_process(stop.signum is not None, rt),
+            )
+        except EvaluationStopped:
+            return None
+        finally:
+            ckpt.set_rng_state(rng)
         if rt.main:
             log.append({"iteration": iteration, "eval": headline(metrics), "metrics": metrics})
             log.plot(out / "loss.png")
@@ -404,7 +429,12 @@ def _train(
             if stopping:
                 break
             if s.eval_period > 0 and iteration % s.eval_period == 0:
-                metrics = run_eval(iteration)
+                evaluated = run_eval(iteration)
+                if evaluated is None:  # stopped by a signal: save this iteration, then stop
+                    if iteration % s.checkpoint_period != 0:
+                        saved = save(ckpt.checkpoint_name(iteration), iteration)
+                    break
+                metrics = evaluated
         bar.close()
         if iteration == s.max_iter and skipped == iteration - start_iter > 0:
             raise FloatingPointError(  # not a trained model: no model_final.pt, no success
@@ -414,7 +444,8 @@ def _train(
         if iteration == s.max_iter and start_iter < s.max_iter:
             saved = save("model_final.pt", iteration)
             if s.eval_period > 0:
-                metrics = run_eval(iteration)
+                evaluated = run_eval(iteration)  # None: stopped, model_final.pt is saved
+                metrics = evaluated if evaluated is not None else metrics
         if rt.main:
             log.plot(out / "loss.png")
     return {
@@ -422,6 +453,6 @@ def _train(
         "checkpoint": str(saved) if saved else None,
         "metrics": metrics,
         "skipped_steps": skipped,
-        "interrupted": None if iteration == s.max_iter else stop.signum,
+        "interrupted": stop.signum,  # None unless a signal stopped the training or evaluation
         "seconds": time.perf_counter() - t_start,
     }

@@ -11,6 +11,7 @@ in fp32 unless ``cfg.inference.amp`` asks for bf16 or fp16 (``solver.amp`` is fo
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,27 @@ def _cityscapes_evaluator(cfg: Config, dataset: Any, gt_dir: Path) -> DatasetEva
     return DatasetEvaluators(evaluators)
 
 
+class EvaluationStopped(Exception):
+    """``evaluate``'s ``stop()`` said to stop (a Ctrl-C or SIGTERM during a training run)."""
+
+
 @torch.no_grad()
 def evaluate(
-    cfg: Config, model: nn.Module, dataset: Any = None, *, progress: bool = True
+    cfg: Config,
+    model: nn.Module,
+    dataset: Any = None,
+    *,
+    progress: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run ``model`` over ``dataset`` (default: ``cfg.data.val_split`` at the test size), one image
     at a time as the official, post-process (``cfg.inference``) and return the evaluators' metrics
     ``{"panoptic_seg": {"PQ", ...}, "segm": {"AP", ...}, "sem_seg": {"mIoU", ...}}`` in percent.
 
     Under torch.distributed every process evaluates its share and process 0 gets the metrics
-    (the others ``{}``).
+    (the others ``{}``). ``stop()``, asked before each image, ends the evaluation early with
+    :class:`EvaluationStopped`; every process asks it at the same images (the first
+    ``len(dataset) // world_size`` of its share), so ``stop`` may be a collective.
     """
     from m2f_lite.inference import postprocess_from_config
 
@@ -154,9 +166,13 @@ def evaluate(
     evaluator.reset()
     was_training = model.training
     model.eval()
-    for images, targets in tqdm(
-        loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True
+    common = len(dataset) // world  # every process has at least this many images
+    for i, (images, targets) in enumerate(
+        tqdm(loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True)
     ):
+        if stop is not None and i < common and stop():
+            model.train(was_training)
+            raise EvaluationStopped(f"evaluation stopped after {i} of {len(samples)} images")
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model([x.to(device) for x in images])
         outputs = {

@@ -120,21 +120,41 @@ class Predictor:
         return cls(model=model, cfg=cfg, meta=meta, device=device)
 
     @torch.no_grad()
-    def __call__(self, image: Any) -> dict[str, Any]:
+    def __call__(
+        self, image: Any, *, tasks: tuple[str, ...] | None = None, compact: bool = False
+    ) -> dict[str, Any]:
+        """The results of ``tasks`` (default: all of :attr:`tasks`) for one image (module doc).
+
+        Memory stays bounded on large photos: the image is resized from uint8 (no float copy at
+        full size) and the results are brought to full size a chunk of queries at a time
+        (``m2f_lite.inference.ToOutputSize``); ask only for the task you need: ``sem_seg`` holds
+        ``K`` floats a pixel and ``instances`` ``k`` bools a pixel. ``compact=True`` (what
+        ``m2f-lite predict`` asks for) returns ``sem_labels`` ``[H, W]`` instead of ``sem_seg``
+        and instance masks as COCO RLE (``instances["rles"]``): about one byte a pixel each.
+        """
         from m2f_lite.inference import postprocess_from_config
 
+        for task in tasks or ():
+            if task not in self.tasks:
+                raise ValueError(f"task={task!r}: this checkpoint predicts {', '.join(self.tasks)}")
         rgb = load_rgb(image)
         h, w = rgb.shape[:2]
-        x = torch.from_numpy(rgb).permute(2, 0, 1).float()  # [3, H, W], 0..255
+        x = torch.from_numpy(rgb).permute(2, 0, 1)  # [3, H, W] uint8, a view
         x = self.resize({"image": x}, torch.Generator())["image"]  # [3, h', w'] test-time size
-        outputs = self.model([x.to(self.device)])
+        outputs = self.model([x.float().to(self.device)])
         outputs = {
             "pred_logits": outputs["pred_logits"].float(),
             "pred_masks": outputs["pred_masks"].float(),
         }
         # the checkpoint's tasks and thresholds, as evaluation.evaluate post-processes
         (result,) = postprocess_from_config(
-            outputs, [tuple(x.shape[-2:])], [(h, w)], self.cfg.inference, self.meta
+            outputs,
+            [tuple(x.shape[-2:])],
+            [(h, w)],
+            self.cfg.inference,
+            self.meta,
+            only=tasks,
+            compact=compact,
         )
         return {**result, "image": rgb}
 
@@ -156,16 +176,23 @@ class Predictor:
             return viz.draw_panoptic(image, ids, segments, self.meta)
         if task == "instance":
             inst = result["instances"]
+            masks, labels, scores = inst.get("masks"), inst["labels"], inst["scores"]
+            if masks is None:  # compact: RLEs, decoded one at a time as they are drawn
+                from pycocotools import mask as mask_util
+
+                rles = inst["rles"]
+                masks = viz.LazyMasks(
+                    len(rles),
+                    lambda i: mask_util.decode(
+                        {**rles[i], "counts": rles[i]["counts"].encode()}
+                    ).astype(bool),
+                )
             return viz.draw_instances(
-                image,
-                inst["masks"],
-                inst["labels"],
-                inst["scores"],
-                self.meta,
-                score_threshold=score_threshold,
+                image, masks, labels, scores, self.meta, score_threshold=score_threshold
             )
         if task == "semantic":
-            return viz.draw_semantic(image, result["sem_seg"], self.meta)
+            sem = result["sem_labels"] if "sem_labels" in result else result["sem_seg"]
+            return viz.draw_semantic(image, sem, self.meta)
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
 
 
@@ -185,7 +212,8 @@ def write_prediction(
     - instance: its entries in ``instances.json`` (COCO results: RLE ``segmentation``, ``score``);
     - semantic: ``<stem>_semantic.png`` (uint8 contiguous class ids).
 
-    The json files gather all the images written into ``out_dir`` (one entry per ``image_id``).
+    The json files gather all the images written into ``out_dir`` (one entry per ``image_id``;
+    :func:`register_image` gives each input file its own ``image_id`` and ``stem``).
     """
     from m2f_lite.metrics.coco_ap import instances_to_coco_results
     from m2f_lite.metrics.panoptic_format import panoptic_png_bytes
@@ -215,11 +243,53 @@ def write_prediction(
         files.append(_merge_json(out / "instances.json", entries))
     elif task == "semantic":
         files.append(out / f"{stem}_semantic.png")
-        labels = result["sem_seg"].argmax(0).to(torch.uint8).cpu().numpy()  # [H, W]
+        labels = result["sem_labels"] if "sem_labels" in result else result["sem_seg"].argmax(0)
+        labels = labels.to(torch.uint8).cpu().numpy()  # [H, W]
         Image.fromarray(labels).save(files[-1])
     else:
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
     return files
+
+
+IMAGES_JSON = "images.json"  # in an output folder: which input file has which image_id and stem
+
+
+def register_image(out_dir: str | os.PathLike, image: str | os.PathLike) -> tuple[int, str]:
+    """The ``image_id`` and output file stem of the input file ``image`` in ``out_dir``.
+
+    ``out_dir/images.json`` lists ``{"id", "path", "stem"}`` for every input written there, keyed
+    by the input's resolved path: the same file gets the same id and files in every run into that
+    folder, and another file is never given a taken id or stem (``a/x.jpg`` and ``b/x.jpg`` become
+    ``x_*`` and ``x_2_*``), so results are added to ``panoptic.json``/``instances.json``, never
+    replaced by another image's. New files take the next free id, from 0: the inputs of a first
+    run into an empty folder are numbered 0, 1, ... in command-line order.
+    """
+    out, path = Path(out_dir), str(Path(image).resolve())
+    manifest = out / IMAGES_JSON
+    images = json.loads(manifest.read_text())["images"] if manifest.exists() else []
+    for im in images:
+        if im["path"] == path:
+            return im["id"], im["stem"]
+    taken_ids = {im["id"] for im in images} | _ids_in(out / "panoptic.json", out / "instances.json")
+    image_id = max(taken_ids, default=-1) + 1  # 0, 1, ...: a first run numbers as COCO-style lists
+    stems, stem, n = {im["stem"] for im in images}, Path(image).stem, 1
+    while (stem if n == 1 else f"{stem}_{n}") in stems:
+        n += 1
+    stem = stem if n == 1 else f"{stem}_{n}"
+    images.append({"id": image_id, "path": path, "stem": stem})
+    atomic_write_text(manifest, json.dumps({"images": images}, indent=1))
+    return image_id, stem
+
+
+def _ids_in(*paths: Path) -> set[int]:
+    """The ``image_id`` values already in result files (written before ``images.json`` existed)."""
+    ids: set[int] = set()
+    for p in paths:
+        if p.exists():
+            data = json.loads(p.read_text())
+            entries = data["annotations"] if isinstance(data, dict) else data
+            ids |= {e["image_id"] for e in entries if isinstance(e.get("image_id"), int)}
+    return ids
 
 
 def _merge_json(path: Path, entries: list[dict], *, categories: list[dict] | None = None) -> Path:

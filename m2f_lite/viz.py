@@ -41,6 +41,22 @@ def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+class LazyMasks(Sequence):
+    """``n`` boolean masks ``[H, W]`` made when asked for, ``make(i)``: the drawing functions hold
+    one at a time, not ``n`` bytes a pixel (a 50-megapixel photo with 100 segments)."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.make(i % self.n)
+
+
 def boundaries(mask: np.ndarray) -> np.ndarray:
     """Pixels of a boolean mask ``[H, W]`` that touch a pixel outside it (4-neighbourhood)."""
     pad = np.pad(mask, 1, mode="constant", constant_values=False)
@@ -160,7 +176,7 @@ def draw_semantic(
     if sem.ndim == 3:
         sem = sem.argmax(0)
     classes = [c for c in np.unique(sem) if c != meta.ignore_label and c < meta.num_classes]
-    masks = [sem == c for c in classes]
+    masks = LazyMasks(len(classes), lambda i: sem == classes[i])
     return overlay_segments(image, masks, classes, meta, outline=False, **kwargs)
 
 
@@ -172,13 +188,13 @@ def draw_panoptic(
     pan = _as_numpy(panoptic_seg)
     # Stuff first, things on top, so that labels of small things stay visible.
     infos = sorted(segments_info, key=lambda s: meta.is_thing[int(s["category_id"])])
-    masks = [pan == s["id"] for s in infos]
+    masks = LazyMasks(len(infos), lambda i: pan == infos[i]["id"])
     return overlay_segments(image, masks, [s["category_id"] for s in infos], meta, **kwargs)
 
 
 def draw_instances(
     image,
-    masks: torch.Tensor | np.ndarray,
+    masks: torch.Tensor | np.ndarray | LazyMasks,
     labels: torch.Tensor | np.ndarray,
     scores: torch.Tensor | np.ndarray | None,
     meta: DatasetMeta,
@@ -186,15 +202,17 @@ def draw_instances(
     score_threshold: float = 0.5,
     **kwargs,
 ) -> np.ndarray:
-    """Instances ``masks`` ``[N, H, W]`` with ``labels`` ``[N]`` and ``scores`` ``[N]``; those below
-    ``score_threshold`` are left out. Lower scores are painted first."""
-    masks, labels = _as_numpy(masks).astype(bool), _as_numpy(labels)
+    """Instances ``masks`` ``[N, H, W]`` (or :class:`LazyMasks`) with ``labels`` ``[N]`` and
+    ``scores`` ``[N]``; those below ``score_threshold`` are left out. Lower scores are painted
+    first."""
+    if not isinstance(masks, LazyMasks):
+        masks = _as_numpy(masks).astype(bool)
+    labels = _as_numpy(labels)
     scores = np.ones(len(labels)) if scores is None else _as_numpy(scores)
     order = [i for i in np.argsort(scores) if scores[i] >= score_threshold]
     text = [f"{meta.classes[int(labels[i])]} {scores[i]:.2f}" for i in order]
-    return overlay_segments(
-        image, [masks[i] for i in order], [labels[i] for i in order], meta, labels=text, **kwargs
-    )
+    shown = LazyMasks(len(order), lambda j: np.asarray(masks[order[j]], dtype=bool))
+    return overlay_segments(image, shown, [labels[i] for i in order], meta, labels=text, **kwargs)
 
 
 def legend_handles(meta: DatasetMeta, class_ids: Sequence[int] | None = None):

@@ -39,11 +39,13 @@ def _same_number_of_masks(root) -> None:
     """
     path = root / "panoptic_train.json"
     data = json.loads(path.read_text())
+    crowd = {}
     for ann in data["annotations"]:
+        crowd[ann["file_name"]] = [s["id"] for s in ann["segments_info"] if s.get("iscrowd", 0)]
         ann["segments_info"] = [s for s in ann["segments_info"] if not s.get("iscrowd", 0)]
     k = min(len(a["segments_info"]) for a in data["annotations"])
     for ann in data["annotations"]:
-        dropped = [s["id"] for s in ann["segments_info"][k:]]
+        dropped = [s["id"] for s in ann["segments_info"][k:]] + crowd[ann["file_name"]]
         ann["segments_info"] = ann["segments_info"][:k]
         png = root / "panoptic_train" / ann["file_name"]
         rgb = np.array(Image.open(png)).astype(np.int64)  # [H, W, 3]

@@ -97,6 +97,18 @@ class COCOInstanceDataset(SegmentationDataset):
         for i, im in enumerate(require(data, "images", f)):
             for key in ("id", "file_name", "height", "width"):
                 require(im, key, f, f"images[{i}].")
+            if not isinstance(im["id"], int | str) or isinstance(im["id"], bool):
+                raise DatasetError(
+                    f"expected an integer image id, got {im['id']!r}",
+                    file=f,
+                    field=f"images[{i}].id",
+                )
+            if not isinstance(im["file_name"], str):
+                raise DatasetError(
+                    f"expected a file name, got {im['file_name']!r}",
+                    file=f,
+                    field=f"images[{i}].file_name",
+                )
             images[im["id"]] = {"image": im, "annotations": []}
         for i, ann in enumerate(require(data, "annotations", f)):
             where = f"annotations[{i}]."

@@ -144,9 +144,12 @@ def parse_panoptic_json(data: dict, meta: DatasetMeta, file: Path) -> list[dict]
                     file=file,
                     field=w + "category_id",
                 )
-            segments.append(
-                (int(require(seg, "id", file, w)), to_contiguous[cat], bool(seg.get("iscrowd", 0)))
-            )
+            seg_id = require(seg, "id", file, w)
+            if not isinstance(seg_id, int) or isinstance(seg_id, bool):
+                raise DatasetError(
+                    f"expected an integer segment id, got {seg_id!r}", file=file, field=w + "id"
+                )
+            segments.append((seg_id, to_contiguous[cat], bool(seg.get("iscrowd", 0))))
         records.append(
             {
                 "image_id": image_id,

@@ -43,6 +43,8 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # decode now: a truncated file fails here, not later in a worker
+    except Image.DecompressionBombError as e:  # PIL refuses > 2 x Image.MAX_IMAGE_PIXELS pixels
+        raise DatasetError(f"{what} too large to decode ({e})", file=path) from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"corrupt or truncated {what} ({e})", file=path) from e
     return img

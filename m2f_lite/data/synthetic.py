@@ -53,6 +53,8 @@ COLORS = (
 # written first into every folder `generate` fills: the CLI makes shapes data on first use only in
 # an empty folder or one that holds this file, never over somebody's own dataset
 MARKER = ".m2f_lite_shapes"
+# the book's running example (`make` and the chapters make it; m2f_lite.book.SHAPES_ARGS)
+SHAPES_ARGS = {"n_train": 500, "n_val": 100, "size": 128, "seed": 0}
 MIN_AREA = 12  # a shape left with fewer visible pixels is not annotated: its pixels become void
 SPLITS = {"train": 0, "val": 1}
 
@@ -307,6 +309,46 @@ def generate(
     for split, n in (("train", n_train), ("val", n_val)):
         write_split(out, split, n, size=size, seed=seed)
     return out
+
+
+def ensure_dataset(cfg, splits: tuple[str, ...]) -> None:
+    """The synthetic shapes of a config's ``data.root``, made on first use (seconds), so that
+    ``m2f-lite train shapes_tiny`` just works (``train`` and ``eval`` call it).
+
+    Only for a shapes dataset, and only into a folder that is absent, empty, or made by the shapes
+    generator itself (its ``MARKER`` file): a typo in ``data.root``, a val-only folder or
+    somebody's own data is never overwritten; the error names the file that is missing instead.
+    """
+    import os
+    import sys
+
+    if not cfg.data.dataset.startswith("shapes"):
+        return
+    root = Path(cfg.data.root)
+    pattern = {"shapes_instance": "instances_{}.json", "shapes_semantic": "semantic_{}"}.get(
+        cfg.data.dataset, "panoptic_{}.json"
+    )
+    missing = [root / pattern.format(s) for s in splits if not (root / pattern.format(s)).exists()]
+    if not missing:
+        return
+    ours = not root.exists() or (
+        root.is_dir() and ((root / MARKER).is_file() or not any(root.iterdir()))
+    )
+    if not ours:
+        raise ValueError(
+            f"{missing[0]}: no such file, and {root} was not made by the shapes generator (no "
+            f"{MARKER}): not writing shapes data into it; check data.root, or make a "
+            "new folder with m2f-lite data synthetic --out DIR"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # not from several processes at once
+        raise ValueError(
+            f"{root}: no shapes dataset; make it first: m2f-lite data synthetic --out {root}"
+        )
+    print(
+        f"{root} has no shapes dataset: making it (m2f-lite data synthetic --out {root})",
+        file=sys.stderr,
+    )
+    generate(root, **SHAPES_ARGS)
 
 
 def main(args: argparse.Namespace) -> None:

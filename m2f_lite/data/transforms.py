@@ -64,7 +64,9 @@ def bilinear_resize_uint8(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """detectron2's ``ResizeTransform.apply_image`` for a uint8 image (every mapper reads uint8):
     ``Image.fromarray(img).resize((w, h), Image.BILINEAR)``. PIL's bilinear widens its filter when
     shrinking (antialiasing) and rounds to uint8; a float resize differs by up to a few levels."""
-    pixels = image.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()  # [H, W, 3]
+    if image.dtype != torch.uint8:  # a uint8 image (the predictor's photos) is used as is
+        image = image.round().clamp(0, 255).to(torch.uint8)
+    pixels = image.permute(1, 2, 0).contiguous()  # [H, W, 3]
     resized = Image.fromarray(pixels.numpy()).resize((w, h), Image.BILINEAR)
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()  # [3, h, w]
 
@@ -198,7 +200,8 @@ def shortest_edge_shape(h: int, w: int, short: int, max_size: int) -> tuple[int,
     if max(newh, neww) > max_size:
         s = max_size / max(newh, neww)
         newh, neww = newh * s, neww * s
-    return int(newh + 0.5), int(neww + 0.5)
+    # at least one pixel: a 1x300 strip would round to 0 rows (detectron2's would, and fail)
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
 
 class ResizeShortestEdge:

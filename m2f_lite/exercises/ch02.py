@@ -154,7 +154,8 @@ EX4_CASES = [(14, 21, 7, 3), (7, 7, 7, 3), (8, 12, 4, 2), (12, 24, 12, 6)]
 
 def check_ex4(window_mask: Callable[[int, int, int, int], torch.Tensor]) -> None:
     """``window_mask(height, width, window, shift)`` → bool ``[nW, M², M²]``, True = blocked, for a
-    padded token map of ``height × width`` (multiples of ``window``) rolled by ``-shift``."""
+    padded token map of ``height × width`` (multiples of ``window``) rolled by ``-shift``;
+    compared with the package's ``m2f_lite.modeling.swin.shifted_window_mask``."""
     for height, width, window, shift in EX4_CASES:
         expected = shifted_window_mask(height, width, window, shift, torch.device("cpu"))
         where = f"height={height}, width={width}, window={window}, shift={shift}"

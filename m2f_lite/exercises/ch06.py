@@ -44,7 +44,8 @@ def _call(fn: Callable, *args, what: str):
 
 
 def check_ex2(pairwise_dice_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """Ex. 2: ``pairwise_dice(logits [Q, P], targets [N, P]) -> [Q, N]`` equal to the package's."""
+    """Ex. 2: ``pairwise_dice(logits [Q, P], targets [N, P]) -> [Q, N]`` equal to the package's
+    ``m2f_lite.matcher.pairwise_dice``."""
     g = torch.Generator().manual_seed(6)
     logits = 3 * torch.randn(5, 40, generator=g)  # [Q, P]
     targets = (torch.rand(3, 40, generator=g) > 0.5).float()  # [N, P]
@@ -91,7 +92,8 @@ def _random_costs() -> list[Tensor]:
 
 
 def check_ex3(match_fn: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
-    """Ex. 3: a brute-force matcher whose total cost equals the optimum (scipy's)."""
+    """Ex. 3: a brute-force matcher whose total cost equals the optimum, which the package's
+    ``m2f_lite.matcher.solve_assignment`` (scipy's Hungarian solver) finds."""
     for cost in _random_costs():
         q, n = cost.shape
         out = _call(match_fn, cost.clone(), what=f"your matcher on a {q}×{n} cost")

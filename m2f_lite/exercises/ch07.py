@@ -73,7 +73,8 @@ def _ex2_inputs() -> tuple[Tensor, Tensor]:
 
 
 def check_ex2(semantic_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """Ex. 2: ``semantic(mask_cls [Q, K+1], mask_pred [Q, H, W]) -> [K, H, W]`` as the package's."""
+    """Ex. 2: ``semantic(mask_cls [Q, K+1], mask_pred [Q, H, W]) -> [K, H, W]`` as the package's
+    ``m2f_lite.inference.semantic_inference``."""
     mask_cls, mask_pred = _ex2_inputs()
     out = _call(semantic_fn, mask_cls.clone(), mask_pred.clone(), what="your semantic inference")
     assert isinstance(out, Tensor), f"expected a Tensor, got {type(out).__name__}"
@@ -196,7 +197,8 @@ def _sorted_pairs(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def check_ex4(instance_fn: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]) -> None:
-    """Ex. 4: ``instance_scores(mask_cls, mask_pred, topk) -> (scores [k], labels [k])``."""
+    """Ex. 4: ``instance_scores(mask_cls, mask_pred, topk) -> (scores [k], labels [k])``, compared
+    with the package's ``m2f_lite.inference.instance_inference``."""
     mask_cls, mask_pred = _ex4_inputs()
     topk = 10
     out = _call(instance_fn, mask_cls.clone(), mask_pred.clone(), topk, what="your instance_scores")

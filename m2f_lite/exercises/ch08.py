@@ -273,7 +273,8 @@ def _reference_pq(gt_masks, pred_masks) -> tuple[dict[str, float], tuple[int, in
 
 
 def check_ex3(pq_fn: Callable[[list, list], Any]) -> None:
-    """Ex. 3: ``pq_one_category(gt_masks, pred_masks) -> (pq, sq, rq)``, as panopticapi computes them."""
+    """Ex. 3: ``pq_one_category(gt_masks, pred_masks) -> (pq, sq, rq)``, as the package's
+    ``pq_compute_single_image`` (panopticapi's rules) computes them."""
     for i, (gt_masks, pred_masks) in enumerate(_ex3_cases()):
         out = _call(
             pq_fn,

@@ -92,7 +92,8 @@ def _ex1_hint(solver: SolverConfig, it: int, got: float, want: float) -> str:
 
 
 def check_ex1(lr_fn: Callable[[SolverConfig, int], float]) -> None:
-    """Ex. 1: ``lr_at(solver, it)``: the lr after ``it`` steps, for "poly" and "step" schedules."""
+    """Ex. 1: ``lr_at(solver, it)``: the lr after ``it`` steps, for "poly" and "step" schedules,
+    compared with the package's schedulers (``m2f_lite.optim``)."""
     for preset, it, what in _ex1_cases():
         solver = get_config(preset).solver
         want = reference_lr(solver, it)
@@ -196,7 +197,8 @@ def ex3_expected(model: nn.Module) -> dict[str, tuple[float, float]]:
 
 def check_ex3(groups_fn: Callable[..., dict[str, tuple[float, float]]]) -> None:
     """Ex. 3: ``lr_and_decay(model, *, base_lr, weight_decay, backbone_multiplier)`` returns
-    ``{parameter name: (lr, weight_decay)}`` with the official rules (``m2f_lite.optim``)."""
+    ``{parameter name: (lr, weight_decay)}`` with the official rules, compared with the package's
+    ``m2f_lite.optim.param_groups``."""
     model = ex3_model()
     want = ex3_expected(model)
     got = _call(groups_fn, model, what="your lr_and_decay", **EX3_ARGS)

@@ -1,25 +1,23 @@
 """Checks for the exercises of chapter 10, "Reproducing the paper".
 
 Each ``check_exN(answer)`` returns None when the answer is right and raises an ``AssertionError``
-whose message says what was wrong and gives a hint. The expected answers come from the package:
-the key table of ``m2f_lite.weights.detectron2``, the presets and the model zoo.
+whose message says what was wrong and gives a hint. The expected answers: the bytes computed
+here (Ex. 1), the key table of ``m2f_lite.weights.detectron2`` (Ex. 2: the exercise asks for
+the names by hand, not by calling ``rename_key``), Python's ``statistics`` (Ex. 3).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 
-from m2f_lite.config import get_config
 from m2f_lite.weights.detectron2 import DETECTRON2_HEAD, rename_key
-
-COCO_TRAIN_IMAGES = 118287  # train2017 (instances and panoptic alike)
-
 
 # --- Ex. 1: the memory of the mask loss ------------------------------------------------------
 
 
-def mask_loss_bytes(num_masks: int, height: int, width: int, num_points: int, point_loss: bool):
+def _mask_loss_bytes(num_masks: int, height: int, width: int, num_points: int, point_loss: bool):
     """Bytes of the float32 ``[N, ·]`` logits one mask-loss evaluation reads: N × H × W for the
     full-mask loss, N × K for the point loss."""
     per_mask = num_points if point_loss else height * width
@@ -35,7 +33,7 @@ def check_ex1(fn: Callable) -> None:
             got = fn(*case)
         except Exception as error:  # the student's code: report, do not crash the check
             raise AssertionError(f"fn{case} raised {type(error).__name__}: {error}") from error
-        want = mask_loss_bytes(*case)
+        want = _mask_loss_bytes(*case)
         n, h, w, _, point = case
         assert got is not None, "fn returned None: return a number of bytes"
         if got == want // 4:
@@ -82,29 +80,55 @@ def check_ex2(answer: dict[str, str]) -> None:
         raise AssertionError(f"{key!r} -> {got!r}, expected {want!r}: {hint}")
 
 
-# --- Ex. 3: batch and epochs of a recipe -----------------------------------------------------
+# --- Ex. 3: a difference of means against the seed noise -----------------------------------
+
+EX3_CASES = [
+    ([64.3, 63.1, 65.0], [60.2, 61.0, 59.8]),
+    ([40.0, 42.0, 41.0, 39.0], [41.5, 40.5]),
+    ([55.0, 55.0], [54.0, 56.0, 55.0]),
+]
 
 
-def check_ex3(answer: dict[str, float]) -> None:
-    """``answer``: {"per_gpu": images per GPU per step, "epochs": passes over COCO train2017}
-    for ``coco_panoptic_r50`` trained on 8 GPUs."""
-    solver = get_config("coco_panoptic_r50").solver
-    assert isinstance(answer, dict) and {"per_gpu", "epochs"} <= set(answer), (
-        'answer: {"per_gpu": ..., "epochs": ...}'
-    )
-    per_gpu = solver.ims_per_batch / 8
-    assert answer["per_gpu"] == per_gpu, (
-        f"per_gpu = {answer['per_gpu']}, expected {per_gpu:g}: solver.ims_per_batch "
-        f"({solver.ims_per_batch}) is the global batch, shared by the 8 processes"
-    )
-    epochs = solver.max_iter * solver.ims_per_batch / COCO_TRAIN_IMAGES
-    got = answer["epochs"]
-    if math.isclose(got, solver.max_iter * per_gpu / COCO_TRAIN_IMAGES, rel_tol=0.01):
-        raise AssertionError(
-            f"epochs = {got:.2f}: every step consumes the global batch "
-            f"({solver.ims_per_batch} images), not one GPU's share"
+def _difference_and_error(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Difference of the means and its standard error, with Python's ``statistics``."""
+    error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return statistics.mean(a) - statistics.mean(b), error
+
+
+def check_ex3(fn: Callable) -> None:
+    """``fn(a, b)`` -> ``(mean(a) - mean(b), sqrt(var(a)/n_a + var(b)/n_b))``, sample variances
+    (n - 1), compared with Python's ``statistics`` (the package's ``ablations.summarise`` gives
+    each variant's mean and standard deviation, not this)."""
+    for a, b in EX3_CASES:
+        try:
+            out = fn(list(a), list(b))
+        except Exception as error:  # the student's code: report, do not crash the check
+            raise AssertionError(f"fn({a}, {b}) raised {type(error).__name__}: {error}") from error
+        assert isinstance(out, tuple | list) and len(out) == 2, (
+            f"fn(a, b) returned {out!r}: return a pair (difference, error)"
         )
-    assert math.isclose(got, epochs, rel_tol=0.01), (
-        f"epochs = {got}, expected {epochs:.1f}: max_iter ({solver.max_iter}) x batch / "
-        f"{COCO_TRAIN_IMAGES} training images"
-    )
+        got_d, got_e = (float(v) for v in out)
+        want_d, want_e = _difference_and_error(a, b)
+        assert math.isclose(got_d, want_d, abs_tol=1e-9), (
+            f"difference = {got_d:.4g}, expected {want_d:.4g}: the mean of a minus the mean of b"
+            + (" (you computed b - a)" if math.isclose(got_d, -want_d) else "")
+        )
+        population = math.sqrt(statistics.pvariance(a) / len(a) + statistics.pvariance(b) / len(b))
+        hints = {
+            population: "that uses the population variance (divide by n); the sample variance "
+            "divides by n - 1 (statistics.variance, np.var(ddof=1))",
+            want_e**2: "that is the variance of the difference; take its square root",
+            statistics.stdev(a) / math.sqrt(len(a)) + statistics.stdev(b) / math.sqrt(len(b)): (
+                "that adds the two standard errors; add the variances, then take the root"
+            ),
+            math.sqrt(statistics.variance(a) + statistics.variance(b)): (
+                "that is the spread of one run, not of a mean: divide each variance by its n"
+            ),
+        }
+        for value, hint in hints.items():
+            if not math.isclose(value, want_e) and math.isclose(got_e, value, rel_tol=1e-6):
+                raise AssertionError(f"error = {got_e:.4g}, expected {want_e:.4g}: {hint}")
+        assert math.isclose(got_e, want_e, rel_tol=1e-6), (
+            f"error = {got_e:.4g}, expected {want_e:.4g} for a = {a}, b = {b}: "
+            "sqrt(s_a² / n_a + s_b² / n_b), s² the sample variance"
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -40,21 +41,25 @@ def instances_to_coco_results(
     """COCO result entries ``{image_id, category_id, segmentation, score}`` of one image.
 
     Args:
-        instances: ``{"masks": [k, H, W] bool, "scores": [k], "labels": [k]}`` (tensors or arrays),
+        instances: ``{"masks": [k, H, W] bool, "scores": [k], "labels": [k]}`` (tensors or arrays;
+            ``"rles"``, COCO RLE dicts, in place of ``"masks"``),
             as :func:`m2f_lite.inference.instance_inference` returns, at the original image size.
         dataset_ids: ``[K]`` dataset category id of each contiguous class index.
     """
-    masks = np.asarray(_to_numpy(instances["masks"]), dtype=bool)  # [k, H, W]
+    if "rles" in instances:  # already encoded (inference.instance_inference(as_rle=True))
+        rles = list(instances["rles"])
+    else:
+        rles = [encode_mask(m) for m in np.asarray(_to_numpy(instances["masks"]), dtype=bool)]
     scores = _to_numpy(instances["scores"]).tolist()
     labels = _to_numpy(instances["labels"]).tolist()
     return [
         {
             "image_id": image_id,
             "category_id": int(dataset_ids[label]),
-            "segmentation": encode_mask(mask),
+            "segmentation": rle,
             "score": float(score),
         }
-        for mask, score, label in zip(masks, scores, labels)
+        for rle, score, label in zip(rles, scores, labels)
     ]
 
 
@@ -68,8 +73,13 @@ def load_coco(gt: str | os.PathLike | COCO) -> COCO:
         return gt
     if not os.path.isfile(gt):
         raise FileNotFoundError(f"COCO ground truth json {gt} does not exist")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(gt))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(gt))
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"COCO ground truth json {gt}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
 
 
 def check_results(coco_gt: COCO, results: list[dict[str, Any]], source: str = "results") -> None:

@@ -10,7 +10,6 @@ Each returns the same ``{task: {metric: value}}`` dict as the dataset evaluators
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from PIL import Image
 
 from m2f_lite.metrics.coco_ap import evaluate_coco_instances
 from m2f_lite.metrics.miou import SemSegMetric
-from m2f_lite.metrics.pq import pq_compute, pq_summary
+from m2f_lite.metrics.pq import pq_compute, pq_summary, read_json
 
 
 def evaluate_panoptic_files(
@@ -40,8 +39,10 @@ def evaluate_panoptic_files(
         if not os.path.isdir(path):
             raise FileNotFoundError(f"panoptic PNG folder {path} does not exist")
     results = pq_compute(gt_json, pred_json, gt_dir, pred_dir, num_workers=num_workers)
-    with open(gt_json) as f:
-        names = {c["id"]: c.get("name", str(c["id"])) for c in json.load(f)["categories"]}
+    names = {
+        c["id"]: c.get("name", str(c["id"]))
+        for c in _read_json(gt_json, "panoptic JSON file")["categories"]
+    }
     return {"panoptic_seg": pq_summary(results, names)}
 
 
@@ -51,14 +52,18 @@ def evaluate_instance_files(
     """``{"segm": {AP, AP50, AP75, APs, APm, APl, AP-<name>}}`` of a COCO results json."""
     if not os.path.isfile(results_json):
         raise FileNotFoundError(f"instance results json {results_json} does not exist")
-    with open(results_json) as f:
-        results = json.load(f)
+    results = _read_json(results_json, "instance results json")
     if not isinstance(results, list):
         raise ValueError(
             f"{results_json}: expected a COCO results list [{{image_id, category_id, segmentation, "
             f"score}}, ...], got a {type(results).__name__}"
         )
     return {"segm": evaluate_coco_instances(gt_json, results)}
+
+
+def _read_json(path: str | os.PathLike, role: str) -> object:
+    """A JSON file; a syntax error names the file, its line and column."""
+    return read_json(path, f"{role} {path}")
 
 
 def _png_files(folder: str | os.PathLike, suffix: str, role: str) -> dict[str, Path]:
@@ -165,3 +170,49 @@ def _fmt(value: float) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "nan"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def add_eval_files_command(sub) -> None:
+    """``m2f-lite eval-files {panoptic,instance,semantic}``: its parser, on ``m2f-lite``'s
+    sub-command list (``m2f_lite.cli``)."""
+    f = sub.add_parser(
+        "eval-files", help="score prediction files on disk against ground truth files"
+    )
+    fsub = f.add_subparsers(dest="eval_task", required=True)
+    fp = fsub.add_parser("panoptic", help="COCO panoptic PNG folder + json (PQ)")
+    fp.add_argument("--gt-json", required=True)
+    fp.add_argument("--gt-dir", required=True)
+    fp.add_argument("--pred-json", required=True)
+    fp.add_argument("--pred-dir", required=True)
+    fi = fsub.add_parser("instance", help="COCO results json (mask AP)")
+    fi.add_argument("--gt-json", required=True, help="COCO instances ground truth")
+    fi.add_argument("--results", required=True, help="COCO results json (RLE segmentation, score)")
+    fs = fsub.add_parser("semantic", help="label PNG folders matched by file name (mIoU)")
+    fs.add_argument("--gt-dir", required=True)
+    fs.add_argument("--pred-dir", required=True)
+    fs.add_argument("--num-classes", type=int, required=True)
+    fs.add_argument("--ignore-label", type=int, default=255)
+    fs.add_argument("--gt-suffix", default="", help="e.g. _gtFine_labelTrainIds for Cityscapes")
+    fs.add_argument("--pred-suffix", default="")
+    fs.add_argument(
+        "--reduce-zero-label", action="store_true", help="ADE20K raw labels (0 = ignore)"
+    )
+    f.set_defaults(func=_eval_files_main)
+
+
+def _eval_files_main(args) -> None:
+    if args.eval_task == "panoptic":
+        metrics = evaluate_panoptic_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
+    elif args.eval_task == "instance":
+        metrics = evaluate_instance_files(args.gt_json, args.results)
+    else:
+        metrics = evaluate_semantic_files(
+            args.gt_dir,
+            args.pred_dir,
+            num_classes=args.num_classes,
+            ignore_label=args.ignore_label,
+            gt_suffix=args.gt_suffix,
+            pred_suffix=args.pred_suffix,
+            reduce_zero_label=args.reduce_zero_label,
+        )
+    print(format_results(metrics))

@@ -23,19 +23,27 @@ them, one image at a time:
 and returns the same dict as ``panopticapi.evaluation.pq_compute``; it is checked against it to
 1e-9 (benchmarks/RESULTS.md). Each image is vectorised (one ``np.unique`` over combined ids),
 and images are spread over a process pool in contiguous chunks, one per worker, as panopticapi
-does. Deviation: where a group has no category at all (``n = 0``, e.g. Stuff on a things-only
+does. The workers are spawned (not forked, as panopticapi's): a spawned worker first re-runs the
+caller's main script, so when the call comes from a script's top level without an
+``if __name__ == "__main__":`` guard, or when a worker dies, the images are evaluated in this
+process instead (:func:`_spawn_would_rerun_this_call`): never a pool that restarts its workers
+forever. Deviation: where a group has no category at all (``n = 0``, e.g. Stuff on a things-only
 dataset) panopticapi divides by zero; here that group reports 0.0 with ``n = 0``.
 """
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,11 +221,66 @@ def _evaluate_chunk(
     return out
 
 
+def _is_main_guard(node: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` (either order, either quotes)."""
+    return isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') in (
+        '__name__ == "__main__"',
+        '"__main__" == __name__',
+    )
+
+
+def _spawn_would_rerun_this_call() -> bool:
+    """True when a spawned worker would call :func:`pq_compute` again as it starts.
+
+    A "spawn" worker begins by running the parent's main script (or ``-m`` module) again, under
+    the name ``__mp_main__``, so that functions defined there exist in the worker. Code at the
+    script's top level outside ``if __name__ == "__main__":`` runs again in every worker; when it
+    reaches ``pq_compute``, multiprocessing refuses to start processes from a starting process,
+    the worker dies, and a ``multiprocessing.Pool`` would replace it forever (the hang). This
+    finds the frame of the main script's top level in the call stack and tells whether its
+    current line lies inside such a guard. No main file (``python -c``, a notebook, a REPL): nothing
+    is re-run.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)
+    ):
+        frame = frame.f_back
+    if frame is None:  # the script's top level has finished running (a thread, a callback)
+        return False
+    try:
+        with open(frame.f_code.co_filename, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return True  # cannot tell: evaluate in this process
+    line = frame.f_lineno
+    return not any(
+        _is_main_guard(node) and node.lineno <= line <= (node.end_lineno or node.lineno)
+        for node in tree.body
+    )
+
+
+def read_json(path: str | os.PathLike, what: str) -> object:
+    """A JSON file; a syntax error is one line: ``what`` (the file, as the caller names it), the
+    line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{what}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: not UTF-8 text ({e})") from e
+
+
 def _load_json(path: str | os.PathLike, role: str, fields: tuple[str, ...]) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{role} JSON file {path} does not exist")
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path, f"{role} JSON file {path}")
     if not isinstance(data, dict):
         raise ValueError(
             f"{role} JSON file {path}: expected a JSON object with {', '.join(fields)}"
@@ -297,12 +360,29 @@ def pq_compute(
     bounds = np.linspace(0, len(pairs), workers + 1).round().astype(int)  # contiguous chunks
     chunks = [pairs[a:b] for a, b in itertools.pairwise(bounds.tolist())]
     args = [(chunk, gt_folder, pred_folder, categories) for chunk in chunks]
-    if workers == 1:
+    if workers > 1 and _spawn_would_rerun_this_call():
+        logger.warning(
+            "pq_compute: called from a script's top level without an "
+            '`if __name__ == "__main__":` guard; spawned workers would re-run the script, '
+            "so the %d images are evaluated in this process",
+            len(pairs),
+        )
+        workers = 1
+    per_chunk = None
+    if workers > 1:
+        # "spawn": forking a process whose torch already started threads can deadlock the child.
+        # ProcessPoolExecutor, unlike multiprocessing.Pool, fails (BrokenProcessPool) when a worker
+        # dies instead of replacing it: a worker that cannot start never means waiting forever.
+        try:
+            with ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn")
+            ) as pool:
+                per_chunk = list(pool.map(_evaluate_chunk, *zip(*args)))
+        except BrokenProcessPool as e:
+            logger.warning("pq_compute: %s; evaluating the images in this process", e)
+            workers = 1
+    if per_chunk is None:
         per_chunk = [_evaluate_chunk(*a) for a in args]
-    else:
-        # "spawn": forking a process whose torch already started threads can deadlock the child
-        with multiprocessing.get_context("spawn").Pool(processes=workers) as pool:
-            per_chunk = pool.starmap(_evaluate_chunk, args)
 
     total = PQStat()
     for chunk_stats in per_chunk:  # image order: the sums do not depend on the worker count

@@ -1,16 +1,17 @@
 """The ``m2f-lite convert`` command: an official checkpoint or an HF model → an m2f_lite checkpoint.
 
-``convert_main(src, dst)`` reads the weights (``m2f_lite.weights.detectron2`` or
-``m2f_lite.weights.transformers``), finds the preset whose model fields they imply, checks every
+``convert_main(src, dst)`` verifies the archives it reads (zip CRC-32, as the checkpoint loader),
+reads the weights (``m2f_lite.weights.detectron2`` or ``m2f_lite.weights.transformers``), finds the preset whose model fields they imply, checks every
 key against that model and writes ``{"model": state_dict, "config": cfg.to_dict()}``.
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from m2f_lite.checkpoint import atomic_save
+from m2f_lite.checkpoint import atomic_save, verify_file
 from m2f_lite.config import PRESETS, Config, get_config
 from m2f_lite.modeling.mask2former import build_model
 from m2f_lite.weights.backbone import backbone_name_from_hf_config
@@ -49,6 +50,18 @@ def _config_for(fields: dict[str, Any], preset: str | None, src: str) -> Config:
     return get_config(matches[0], frozen)
 
 
+def _verify_archives(src: str) -> None:
+    """Refuse a ``torch.save`` zip archive (an official ``.pth``, an HF ``pytorch_model.bin``)
+    whose records do not match their CRC-32: ``torch.load`` would read a flipped byte inside a
+    tensor silently. The check is the checkpoint loader's (``checkpoint.verify_file``). Pickles
+    and ``.safetensors`` carry no checksum to verify."""
+    path = Path(src)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if zipfile.is_zipfile(f):
+            verify_file(f)
+
+
 def convert_main(
     src: str, dst: str, *, source: str = "auto", preset: str | None = None
 ) -> ConversionReport:
@@ -61,6 +74,7 @@ def convert_main(
     """
     if source == "auto":
         source = "transformers" if Path(src).is_dir() else "detectron2"
+    _verify_archives(src)
     if source == "detectron2":
         backbone = get_config(preset).model.backbone if preset else None
         sd, report = convert_detectron2(src, backbone=backbone)

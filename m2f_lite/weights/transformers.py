@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from m2f_lite.config import Config, apply_overrides
-from m2f_lite.modeling.backbone import build_backbone
+from m2f_lite.modeling.backbone import backbone_family, build_backbone
 from m2f_lite.modeling.mask2former import Mask2Former, build_model
 from m2f_lite.weights.backbone import backbone_name_from_hf_config, hf_backbone_to_timm
 from m2f_lite.weights.keys import ConversionError, ConversionReport, check_state_dict, rename_key
@@ -135,3 +135,195 @@ def from_transformers(hf_model: nn.Module, *, cfg: Config | None = None) -> Mask
         raise ConversionError(f"the HF model does not fit the m2f_lite model:\n{report}")
     model.load_state_dict(sd)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# m2f_lite  ->  HF transformers
+# ---------------------------------------------------------------------------------------------
+
+_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+# in HF's state dict but not in ours: recomputed buffers, HF Swin's unused final norm (left at
+# HF's initialisation), BatchNorm's update counter (FrozenBN has none)
+_HF_ONLY = re.compile(
+    r"criterion\.empty_weight|.*num_batches_tracked|"
+    + re.escape(HF_BACKBONE_PREFIX)
+    + r"swin\.layernorm\.(weight|bias)"
+)
+
+
+class NotRepresentableError(ValueError):
+    """An m2f_lite model that HF's ``Mask2FormerForUniversalSegmentation`` cannot hold (one line)."""
+
+
+def _unsupported(what: str) -> NotRepresentableError:
+    return NotRepresentableError(f"to_transformers: {what}; HF's Mask2Former cannot represent it")
+
+
+def _hf_backbone_config(backbone: nn.Module) -> Any:
+    """HF's ``ResNetConfig`` / ``SwinConfig`` of our backbone, as ``backbone_name_from_hf_config``
+    reads it back (HF's ResNet is torchvision style, stride in the 3×3 conv, as timm's)."""
+    from transformers import ResNetConfig, SwinConfig
+
+    arch = backbone.arch
+    if backbone.family == "resnet":
+        stem = arch.get("stem_width", 64)
+        if stem != 64:  # HF's embedding_size could hold it; our reader maps 64 only (timm's)
+            raise NotRepresentableError(
+                f"to_transformers: backbone {backbone.name} has a {stem}-wide stem; HF ResNets "
+                "are read back (from_transformers) with timm's 64-wide stem only"
+            )
+        expansion = backbone.channels[-1] // arch["channels"][-1]  # 4: bottleneck, 1: basic
+        return ResNetConfig(
+            embedding_size=64,
+            depths=list(arch["layers"]),
+            hidden_sizes=[c * expansion for c in arch["channels"]],
+            layer_type="bottleneck" if expansion == 4 else "basic",
+            out_features=_STAGES,
+        )
+    return SwinConfig(
+        embed_dim=arch["embed_dim"],
+        depths=list(arch["depths"]),
+        num_heads=list(arch["num_heads"]),
+        window_size=arch["window_size"],
+        mlp_ratio=arch["mlp_ratio"],
+        drop_path_rate=0.0,  # a training setting; eval mode ignores it
+        out_features=_STAGES,
+    )
+
+
+def transformers_config(model: Mask2Former) -> Any:
+    """HF's ``Mask2FormerConfig`` of ``model``, read from its modules (the inverse of
+    :func:`transformers_model_fields`). Raises :class:`NotRepresentableError` for what HF fixes
+    otherwise: one head count for the encoder and the decoder, 4 sampling points, 3 encoder
+    levels of strides 8..32, GroupNorm(32), masked attention, a ResNet stem 64 wide."""
+    from transformers import Mask2FormerConfig
+
+    pd, td = model.pixel_decoder, model.transformer_decoder
+    if not len(pd.encoder) or not len(td.layers):
+        raise _unsupported(f"{len(pd.encoder)} encoder, {len(td.layers)} decoder layers")
+    attn = pd.encoder[0].self_attn  # MSDeformAttn
+    checks = [
+        (attn.n_heads != td.num_heads, f"{attn.n_heads} encoder heads, {td.num_heads} decoder"),
+        (attn.n_points != 4, f"{attn.n_points} sampling points (HF: 4)"),
+        (pd.num_encoder_levels != 3, f"{pd.num_encoder_levels} encoder levels (HF: 3)"),
+        (pd.strides != [4, 8, 16, 32], f"backbone strides {pd.strides}"),
+        (pd.input_proj[0][1].num_groups != 32, "GroupNorm groups other than 32"),
+        (not td.masked_attention, "masked_attention=False"),
+    ]
+    for failed, what in checks:
+        if failed:
+            raise _unsupported(what)
+    num_fpn = len(pd.lateral_convs)  # FPN steps from stride 8 down to common_stride
+    layer = td.layers[0]
+    return Mask2FormerConfig(
+        backbone_config=_hf_backbone_config(model.backbone),
+        num_labels=td.class_embed.out_features - 1,
+        num_queries=td.query_feat.num_embeddings,
+        hidden_dim=td.query_feat.embedding_dim,
+        num_attention_heads=td.num_heads,
+        dim_feedforward=layer.ffn.linear1.out_features,
+        decoder_layers=len(td.layers) + 1,  # HF counts the prediction from the queries too
+        pre_norm=layer.ffn.pre_norm,
+        enforce_input_projection=isinstance(td.input_proj[0], nn.Conv2d),
+        feature_size=pd.conv_dim,
+        mask_feature_size=pd.mask_dim,
+        encoder_layers=len(pd.encoder),
+        encoder_feedforward_dim=pd.encoder[0].linear1.out_features,
+        common_stride=pd.strides[-pd.num_encoder_levels] // 2**num_fpn,
+        dropout=0.0,
+    )
+
+
+def timm_backbone_to_hf(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Our ``Backbone.state_dict()`` → HF ``ResNetBackbone`` / ``SwinBackbone`` keys (without
+    ``model.pixel_level_module.encoder.``): the inverse of ``hf_backbone_to_timm``; Swin's
+    packed ``qkv`` is split into HF's ``q_proj``, ``k_proj``, ``v_proj`` (rows q, k, v)."""
+    from m2f_lite.weights import backbone as bb
+
+    if backbone_family(name) == "resnet":
+        drop = [bb._NUM_BATCHES]
+        return bb._rename(state_dict, bb._RESNET_HF, to_ours=False, drop=drop, source=name)
+    hf = bb._rename(state_dict, bb._SWIN_HF, to_ours=False, drop=bb._SWIN_BUFFERS, source=name)
+    for key in [k for k in hf if ".attention.qkv." in k]:
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), hf.pop(key).chunk(3, dim=0)):
+            hf[key.replace("qkv", proj)] = part.clone()  # [C, C] or [C] each
+    return hf
+
+
+def transformers_head_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our pixel-decoder and transformer-decoder weights → HF's (the inverse of
+    :func:`transformers_head_to_ours`): the packed self-attention ``in_proj`` → ``q/k/v_proj``."""
+    out, packed = (
+        {},
+        re.compile(r"transformer_decoder\.layers\.(\d+)\.self_attn\.attn\.in_proj_(\w+)"),
+    )
+    for k, v in state_dict.items():
+        if k.startswith("backbone."):
+            continue
+        if m := packed.fullmatch(k):  # [3C, C] / [3C] -> 3 × [C, C] / [C]
+            for proj, part in zip("qkv", v.chunk(3, dim=0)):
+                out[f"{_HL.format(i=m[1])}self_attn.{proj}_proj.{m[2]}"] = part.clone()
+        elif (new := rename_key(k, TRANSFORMERS_HEAD)) is not None:
+            out[new] = v
+        else:
+            raise ConversionError(f"to_transformers: {k} has no HF name")
+    return out
+
+
+def to_transformers(model: Mask2Former) -> nn.Module:
+    """HF's ``Mask2FormerForUniversalSegmentation`` with the configuration and weights of ``model``
+    (eval mode), the inverse of :func:`from_transformers`: ``from_transformers(to_transformers(m))``
+    has ``m``'s state dict. ``save_pretrained(folder)`` then writes HF's layout (``config.json``,
+    ``model.safetensors``). HF takes normalised pixels: feed it ``(x - mean) / std``, as the
+    module docstring says. Training-only state is not carried: BatchNorm's update counters
+    (``num_batches_tracked``; HF's ResNet then reads back as FrozenBN, same statistics) and drop
+    path (HF's Swin gets 0). Raises :class:`NotRepresentableError` (see
+    :func:`transformers_config`) for a model HF cannot hold.
+    """
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    hf = Mask2FormerForUniversalSegmentation(transformers_config(model)).eval()
+    ours = {k: v.detach().float() for k, v in model.state_dict().items()}
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.")
+    }
+    sd = transformers_head_to_hf(ours)
+    sd |= {
+        HF_BACKBONE_PREFIX + k: v
+        for k, v in timm_backbone_to_hf(backbone, model.backbone.name).items()
+    }
+    own = hf.state_dict()
+    missing = [k for k in own if k not in sd and not _HF_ONLY.fullmatch(k)]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or mismatched:
+        report = ConversionReport(missing=missing, unexpected=unexpected + mismatched)
+        raise ConversionError(f"to_transformers: the weights do not fit HF's model: {report}")
+    hf.load_state_dict(sd, strict=False)  # the _HF_ONLY keys keep HF's values
+    return hf
+
+
+def to_transformers_main(checkpoint: str, out_dir: str) -> str:
+    """``m2f-lite convert CHECKPOINT --to transformers DIR``: write HF's ``save_pretrained`` layout
+    of an m2f_lite checkpoint into ``out_dir``; returns the line to print."""
+    from pathlib import Path
+
+    from m2f_lite import checkpoint as ckpt
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; give a new folder")
+    state = ckpt.load_checkpoint(checkpoint)
+    model = build_model(ckpt.checkpoint_config(state, checkpoint))
+    ckpt.load_model_state(
+        model, {k: v.float() for k, v in state["model"].items()}, source=checkpoint
+    )
+    hf = to_transformers(model)
+    try:
+        hf.save_pretrained(out)
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write ({e.strerror or e})") from e
+    return (
+        f"wrote {out} (HF Mask2FormerForUniversalSegmentation, {model.backbone.name}): "
+        f"Mask2FormerForUniversalSegmentation.from_pretrained({str(out)!r})"
+    )

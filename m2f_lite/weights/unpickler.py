@@ -24,6 +24,7 @@ import importlib
 import io
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,22 @@ class SafeUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line. ``torch.load``'s refusals run to a dozen lines of advice, among
+    them to set ``weights_only=False``, which would run the file's code: keep the reason only."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and text.startswith("refusing"):
+        return text  # SafeUnpickler's own message
+    if text.startswith("Weights only load failed"):  # torch.load(weights_only=True) refused it
+        advice = ("In PyTorch", "Please file", "Check the documentation", "WeightsUnpickler")
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        why = next((ln for ln in lines if not ln.startswith(advice)), "not plain weights")
+        return f"refusing it: torch.load(weights_only=True) found {why.rstrip('.')!r}"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first.split(". ")[0].rstrip(".")  # miniz: "failed finding central directory. This..."
+    return f"not a readable weights file, truncated or corrupt ({type(e).__name__}: {first})"
+
+
 def to_tensor(value: Any, key: str) -> Tensor:
     """A weight as a tensor: numpy arrays (detectron2's ``.pkl``) are copied, tensors kept."""
     if isinstance(value, Tensor):
@@ -115,28 +132,37 @@ def to_tensor(value: Any, key: str) -> Tensor:
     raise TypeError(f"weight {key!r}: expected a tensor or numpy array, got {type(value).__name__}")
 
 
+class WeightsFileError(pickle.UnpicklingError, ValueError):
+    """A weights file that cannot be read safely: truncated, corrupt, not a weights file, or
+    holding pickled code. Its message is one line that names the file (the command line prints
+    it as is); it is an ``UnpicklingError`` for callers that catch those."""
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a local file: ``.safetensors``, ``.pkl`` (numpy arrays or torch tensors,
     read with :class:`SafeUnpickler`) or anything ``torch.load(weights_only=True)`` reads. A
-    ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is removed."""
+    ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is removed. A file that none of these
+    reads raises :class:`WeightsFileError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path))
-    elif path.suffix == ".pkl":
-        with path.open("rb") as f:
-            try:
+            obj: Any = load_file(str(path))
+        elif path.suffix == ".pkl":
+            with path.open("rb") as f:
                 obj = SafeUnpickler(f, encoding="latin1").load()
-            except pickle.UnpicklingError as e:
-                raise pickle.UnpicklingError(f"{path}: {e}") from e
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with warnings.catch_warnings():  # "Detected pickle protocol 4": the error says more
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, flipped, hostile: torch's own messages are many lines
+        raise WeightsFileError(f"{path}: {_one_line(e)}") from e
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
+        raise WeightsFileError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
     return {k: to_tensor(v, k) for k, v in obj.items()}
