@@ -65,7 +65,7 @@ test-book:
 # The student edition (m2f_lite/student.py, book/instructors.md): every chapter without its solutions,
 # as notebooks and as an executed jupyter-book site, and the nbgrader source notebooks.
 .PHONY: student
-student: $(VENV)/.book-installed $(SHAPES)/.complete
+student: $(VENV)/.dev-installed $(SHAPES)/.complete  # dev: pytest checks the output
 	$(PY) -m m2f_lite.student --nbgrader --out _build/student
 	$(PY) -m pytest -q -p no:cacheprovider -m student_build tests/test_student.py
 

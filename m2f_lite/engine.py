@@ -30,6 +30,7 @@ Several GPUs or machines: ``torchrun --nproc_per_node=N -m m2f_lite.cli train PR
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -362,7 +363,7 @@ def _train(
         desc=cfg.name,
     )
     model.train()
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, contextlib.closing(bar):  # closed before an error prints
         # `iteration` counts the optimizer steps done, this one included
         for iteration in range(start_iter + 1, s.max_iter + 1):
             t0 = time.perf_counter()

@@ -423,3 +423,17 @@ def test_odd_image_sizes_in_data_check_and_train(tmp_path, capsys, shape):
     args = tiny_args(data, tmp_path / "run", "solver.max_iter=2", "solver.ims_per_batch=2")
     assert run(["train", "shapes_tiny", *args]) == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "run" / "model_final.pt").is_file()
+
+
+def test_a_decompression_bomb_in_the_data_is_one_line_in_data_check_and_train(tmp_path, capsys):
+    """200 megapixels of zeros (200 kB as a PNG) in the training split: `data check` reports the
+    file, `train` stops with one line naming it; neither decodes it."""
+    data = make_shapes(tmp_path / "data", n_train=2, n_val=1, size=48)
+    bomb = sorted((data / "images" / "train").glob("*.png"))[0]
+    Image.new("RGB", (20000, 10000)).save(bomb)
+    assert run(["data", "check", data]) == 1
+    report = capsys.readouterr()
+    assert f"{bomb}: image too large to decode" in report.out + report.err
+    args = tiny_args(data, tmp_path / "run", "solver.max_iter=2", "solver.ims_per_batch=2")
+    assert run(["train", "shapes_tiny", *args]) == 2
+    _one_line(capsys, str(bomb), "too large to decode")

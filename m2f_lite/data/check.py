@@ -103,6 +103,9 @@ def _open_image(path: Path, report: Report, what: str) -> tuple[int, int] | None
             img.load()
             note, orientation = image_mode_note(img), img.getexif().get(0x0112, 1)
             w, h = img.size
+    except Image.DecompressionBombError as e:  # > 2 x Image.MAX_IMAGE_PIXELS: not decoded
+        report.error(path, "", f"{what} too large to decode ({e})")
+        return None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         report.error(path, "", f"corrupt or truncated {what} ({e})")
         return None
