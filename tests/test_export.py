@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_run import NARROW_HEAD
 
 from m2f_lite import book_model, cli, export
 from m2f_lite.config import get_config
@@ -33,13 +34,7 @@ UNSEEN = [(1, 96, 64), (3, 64, 128)]  # (B, H, W): neither is the traced 2 x 64 
 SWIN_SIZE = (64, 96)  # a Swin's fixed export size: token grids 16x24 ... 2x3, window 7
 SWIN_UNSEEN = [(1, *SWIN_SIZE), (3, *SWIN_SIZE)]
 NARROW = [  # every module kept (3 encoder levels, the 3 memory scales, FPN), fewer channels
-    "model.hidden_dim=64",
-    "model.conv_dim=64",
-    "model.mask_dim=64",
-    "model.nheads=4",
-    "model.enc_nheads=4",
-    "model.dim_feedforward=128",
-    "model.enc_dim_feedforward=128",
+    *NARROW_HEAD,
     "model.enc_layers=1",
     "model.dec_layers=3",
     "model.num_queries=10",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from tiny_run import NARROW_HEAD
 from transformers import Mask2FormerForUniversalSegmentation
 
 from m2f_lite import checkpoint as ckpt
@@ -32,13 +33,7 @@ from m2f_lite.weights.transformers import (
 TINY = [  # a narrow head: 2 encoder layers, 3 decoder layers (HF's decoder_layers = 4)
     "model.num_classes=7",
     "model.num_queries=12",
-    "model.hidden_dim=64",
-    "model.conv_dim=64",
-    "model.mask_dim=64",
-    "model.nheads=4",
-    "model.enc_nheads=4",
-    "model.dim_feedforward=128",
-    "model.enc_dim_feedforward=128",
+    *NARROW_HEAD,
     "model.enc_layers=2",
     "model.dec_layers=3",
 ]

@@ -58,3 +58,15 @@ def tiny_args(data_root: Path, output_dir: Path, *overrides: str) -> list[str]:
     return [
         f"--{o}" for o in (*TINY, f"data.root={data_root}", f"output_dir={output_dir}", *overrides)
     ]
+
+
+# a 64-wide head (every module kept, fewer channels): the export and HF round-trip tests
+NARROW_HEAD = [
+    "model.hidden_dim=64",
+    "model.conv_dim=64",
+    "model.mask_dim=64",
+    "model.nheads=4",
+    "model.enc_nheads=4",
+    "model.dim_feedforward=128",
+    "model.enc_dim_feedforward=128",
+]
